@@ -1,0 +1,134 @@
+"""Structured config schemas, registered in Hydra's ConfigStore.
+
+`configs/train.yaml` starts its defaults list with the `train_schema` node stored here, so every group file and every
+command-line override is merged into these dataclasses: an unknown key or a value of the wrong type fails when the
+config is composed, before anything else runs. Semantic checks (top_k <= num_experts, divisibility, paths) live in
+`moetrain.config.validate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    vocab_size: int = 256
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    max_seq_len: int = 1024
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    ffn_hidden: int = 512  # hidden size of the dense SwiGLU FFN layers
+    num_experts: int = 8  # E, routed experts per MoE layer
+    moe_hidden: int = 256  # F, hidden size of one routed expert
+    num_shared_experts: int = 0  # shared experts, each of hidden size moe_hidden, fused into one SwiGLU
+    first_k_dense: int = 1  # the first k layers use the dense FFN
+    moe_every: int = 1  # after those, every n-th layer is MoE (the others dense)
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+
+@dataclass
+class RouterConfig:
+    top_k: int = 2
+    score_func: str = "softmax"  # softmax | sigmoid
+    norm_topk_prob: bool = True  # renormalise the k selected gates to sum to one
+    route_scale: float = 1.0  # gates are multiplied by this after (optional) renormalisation
+    num_groups: int = 1  # group-limited routing: experts split in this many groups ...
+    topk_groups: int = 1  # ... and a token may only use experts of this many groups
+    bias_update_rate: float = 1e-3  # aux-loss-free balancing: b += u * sign(mean(c) - c); 0 turns it off
+    bias_update_center: bool = False  # subtract the mean of the update
+    bias_update_stop_frac: float = 1.0  # the rate falls to zero after this fraction of trainer.max_steps
+    aux_loss_coeff: float = 0.0  # Switch/GShard: coeff * E * sum_i f_i * P_i
+    seq_aux_loss_coeff: float = 0.0  # DeepSeek sequence-wise auxiliary loss
+    z_loss_coeff: float = 0.0  # coeff * mean(logsumexp(logits)^2)
+    capacity_factor: Optional[float] = None  # None: dropless; else capacity = ceil(T*K/E * factor)
+    pad_to_capacity: bool = False  # capacity mode only: pad every expert's input to exactly its capacity
+    force_balanced: bool = False  # benchmarking: every expert gets the same number of tokens
+
+
+@dataclass
+class ParallelConfig:
+    mode: str = "ep"  # ep | fssdp
+    ep: int = 1  # expert-parallel size; the data-parallel size is world_size / ep
+    data_parallel: str = "ddp"  # ddp | fsdp: how dense parameters are kept across ranks
+    pipeline_degree: str = "1"  # auto | 1 | 2 | 4 | 8 (chunks for comm/compute overlap)
+    backend: str = "auto"  # auto (nccl on cuda, gloo on cpu) | gloo | nccl
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 20
+    schedule: str = "cosine"  # cosine | constant
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    impl: str = "auto"  # auto | fused | foreach | apex
+
+
+@dataclass
+class DataConfig:
+    name: str = "stdlib"  # stdlib (embedded default corpus) | shards (prepared by moetrain-prepare)
+    path: Optional[str] = None  # shard directory for name=shards
+    cache_dir: Optional[str] = None  # where the embedded corpus is cached; default ~/.cache/moetrain
+    seq_len: int = 128
+    global_batch_size: int = 16  # sequences per optimizer step, over all data-parallel ranks
+    micro_batch_size: int = 8  # sequences per forward on one rank
+    val_fraction: float = 0.05
+    max_corpus_bytes: int = 8_000_000  # cap on the embedded corpus size
+
+
+@dataclass
+class LoggerConfig:
+    console: bool = True
+    jsonl: bool = True
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "moetrain"
+    wandb_mode: str = "offline"  # offline | online | disabled
+    wandb_run_name: Optional[str] = None
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 300
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100  # 0 disables periodic evaluation (a final one still runs)
+    eval_batches: int = 8
+    checkpoint_every: int = 0  # 0 disables periodic checkpoints (a final one is still written)
+    keep_checkpoints: int = 2
+    resume: str = "auto"  # auto | none | PATH to a checkpoint directory
+    run_dir: str = "runs/${model.name}"
+    device: str = "auto"  # auto | cpu | cuda
+    dry_run: bool = False  # print parameter counts and exit
+    activation_checkpointing: bool = False
+    progress: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)

@@ -1,0 +1,117 @@
+"""Decoder-only transformer LM whose FFN is dense SwiGLU or MoE per layer.
+
+Legend: B batch, S sequence, D model dim, V vocabulary.
+
+Layer i is MoE when i >= first_k_dense and (i - first_k_dense) % moe_every == 0, dense otherwise.
+Weights: dense parameters from the global RNG (seeded identically on every rank), experts from per-expert generators
+(see moe/experts.py), so a model split over any number of expert-parallel ranks holds the same weights as one process.
+Output projections are scaled by 1/sqrt(2 * n_layers) (GPT-2 style).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from moetrain.config.schema import ModelConfig, RouterConfig
+from moetrain.model.attention import Attention
+from moetrain.model.mlp import SwiGLU
+from moetrain.model.norm import RMSNorm
+from moetrain.model.rope import rope_cos_sin
+from moetrain.moe.layer import MoELayer
+
+
+def is_moe_layer(cfg: ModelConfig, i: int) -> bool:
+    return cfg.num_experts > 0 and i >= cfg.first_k_dense and (i - cfg.first_k_dense) % cfg.moe_every == 0
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, router_cfg: RouterConfig, layer_id: int,
+                 ep_group: Optional[dist.ProcessGroup], dp_group: Optional[dist.ProcessGroup]):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        if is_moe_layer(cfg, layer_id):
+            self.ffn = MoELayer(cfg.dim, cfg.moe_hidden, cfg.num_experts, cfg.num_shared_experts, router_cfg,
+                                layer_id, ep_group, dp_group)
+        else:
+            self.ffn = SwiGLU(cfg.dim, cfg.ffn_hidden)
+
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin)
+        return x_BSD + self.ffn(self.ffn_norm(x_BSD))
+
+
+class TransformerLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, router_cfg: RouterConfig, ep_group: Optional[dist.ProcessGroup] = None,
+                 dp_group: Optional[dist.ProcessGroup] = None, activation_checkpointing: bool = False):
+        super().__init__()
+        self.cfg, self.activation_checkpointing = cfg, activation_checkpointing
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, router_cfg, i, ep_group, dp_group) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def moe_layers(self) -> Iterator[MoELayer]:
+        return (m for m in self.modules() if isinstance(m, MoELayer))
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Deterministic initialisation; identical for every expert-parallel split (see module docstring)."""
+        cfg = self.cfg
+        std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        cpu_rng = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        nn.init.normal_(self.tok_embeddings.weight, std=1.0 if not cfg.tie_embeddings else std)
+        for block in self.layers:
+            block.attn_norm.reset_parameters()
+            block.ffn_norm.reset_parameters()
+            block.attn.reset_parameters(std, out_std)
+            if isinstance(block.ffn, MoELayer):
+                block.ffn.reset_parameters(std, out_std, seed)
+            else:
+                block.ffn.reset_parameters(std, out_std)
+        self.norm.reset_parameters()
+        if not cfg.tie_embeddings:
+            nn.init.trunc_normal_(self.output.weight, std=std, a=-3 * std, b=3 * std)
+        torch.random.set_rng_state(cpu_rng)
+
+    def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
+        S = tokens_BS.shape[1]
+        cos, sin = rope_cos_sin(S, self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta, tokens_BS.device)
+        h_BSD = self.tok_embeddings(tokens_BS)
+        for block in self.layers:
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                h_BSD = checkpoint(block, h_BSD, cos, sin, use_reentrant=False)
+            else:
+                h_BSD = block(h_BSD, cos, sin)
+        return self.output(self.norm(h_BSD)).float()
+
+    def aux_loss(self) -> Optional[torch.Tensor]:
+        """Sum of the router losses of the last forward (None when no router loss is configured)."""
+        terms = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
+        return torch.stack(terms).sum() if terms else None
+
+
+def count_parameters(cfg: ModelConfig, router_cfg: RouterConfig) -> dict[str, int]:
+    """Total and active (per token) parameter counts, computed on the meta device (nothing is allocated)."""
+    with torch.device("meta"):
+        model = TransformerLM(cfg, router_cfg)
+    total = active = 0
+    for name, p in model.named_parameters():
+        n = p.numel()
+        total += n
+        if getattr(p, "expert_ids", None) is not None:
+            n = n // cfg.num_experts * router_cfg.top_k
+        active += n
+    embedding = model.tok_embeddings.weight.numel()
+    return {"total": total, "active": active, "embedding": embedding,
+            "total_non_embedding": total - embedding, "active_non_embedding": active - embedding}

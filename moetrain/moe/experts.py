@@ -1,0 +1,55 @@
+"""Routed experts: L local SwiGLU experts stored as stacked weights, computed dropless by a grouped GEMM.
+
+Legend: R routed rows on this rank (grouped by local expert), D model dim, F expert hidden dim, L local experts.
+
+    h_RF = silu(x_RD @ w1_LDF[e]) * (x_RD @ w3_LDF[e]);   y_RD = h_RF @ w2_LFD[e]     for the rows of expert e
+
+The parameters keep the global names `w1_EDF`, `w3_EDF`, `w2_EFD` (their dim 0 holds this rank's experts) and carry
+`expert_ids`, the global expert id of each row, which checkpoints and gradient synchronisation use. Each expert is
+initialised from its own generator seeded by (seed, layer, global id), so the weights of an expert do not depend on
+how experts are split over ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moetrain.kernels.grouped_gemm import grouped_mm
+
+
+class GroupedExperts(nn.Module):
+    def __init__(self, dim: int, hidden: int, expert_ids: list[int], backend: str = "auto"):
+        super().__init__()
+        L = len(expert_ids)
+        self.expert_ids, self.backend = list(expert_ids), backend
+        self.w1_EDF = nn.Parameter(torch.empty(L, dim, hidden))
+        self.w3_EDF = nn.Parameter(torch.empty(L, dim, hidden))
+        self.w2_EFD = nn.Parameter(torch.empty(L, hidden, dim))
+        for p in self.parameters():
+            p.expert_ids = self.expert_ids
+
+    def forward(self, x_RD: torch.Tensor, tokens_per_expert_L: torch.Tensor) -> torch.Tensor:
+        h1_RF = grouped_mm(x_RD, self.w1_EDF, tokens_per_expert_L, self.backend)
+        h3_RF = grouped_mm(x_RD, self.w3_EDF, tokens_per_expert_L, self.backend)
+        return grouped_mm(F.silu(h1_RF) * h3_RF, self.w2_EFD, tokens_per_expert_L, self.backend)
+
+    @torch.no_grad()
+    def reset_parameters(self, init_std: float, out_std: float, seed: int, layer_id: int) -> None:
+        for i, gid in enumerate(self.expert_ids):
+            g = torch.Generator().manual_seed(seed * 1_000_003 + layer_id * 10_007 + gid)
+            for w, std in ((self.w1_EDF, init_std), (self.w3_EDF, init_std), (self.w2_EFD, out_std)):
+                cpu = torch.empty(w.shape[1:], dtype=torch.float32)
+                nn.init.trunc_normal_(cpu, std=std, a=-3 * std, b=3 * std, generator=g)
+                w[i].copy_(cpu)
+
+
+def reference_experts(x_RD: torch.Tensor, tokens_per_expert_L: torch.Tensor, w1_EDF, w3_EDF, w2_EFD) -> torch.Tensor:
+    """The simple per-expert loop the grouped GEMM is tested against."""
+    outs, start = [], 0
+    for e, n in enumerate(tokens_per_expert_L.tolist()):
+        x = x_RD[start:start + n]
+        outs.append((F.silu(x @ w1_EDF[e]) * (x @ w3_EDF[e])) @ w2_EFD[e])
+        start += n
+    return torch.cat(outs) if outs else x_RD.new_zeros(0, w2_EFD.shape[-1])

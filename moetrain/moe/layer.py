@@ -1,0 +1,105 @@
+"""MoE feed-forward block: router -> dispatcher -> grouped experts -> combine, plus optional shared experts.
+
+Legend: B batch, S sequence, T = B*S tokens on this rank, D model dim, F expert hidden dim, E experts, K top-k.
+
+    y_TD = sum_k gates_TK[t, k] * expert_{topk_idx_TK[t, k]}(x_TD[t])  +  shared(x_TD[t])
+
+The shared experts run between dispatch_comm and dispatch_postprocess, i.e. while the tokens are in flight.
+After each forward the layer keeps `aux_loss` (the sum of the configured router losses, a 0-dim tensor) and `stats`
+(routing counts of this micro-batch, detached) for the trainer and the telemetry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moetrain.balance import losses
+from moetrain.config.schema import RouterConfig
+from moetrain.model.mlp import SwiGLU
+from moetrain.moe.experts import GroupedExperts
+from moetrain.moe.router import Router
+from moetrain.parallel.dispatch.alltoall import AllToAllDispatcher
+from moetrain.parallel.dispatch.local import LocalDispatcher
+
+
+@dataclass
+class MoEStats:
+    tokens_per_expert_E: torch.Tensor  # routed copies chosen per expert (before capacity), this micro-batch
+    tokens_per_local_expert_L: torch.Tensor  # rows this rank's experts computed
+    num_dropped: int
+    num_copies: int
+
+
+class MoELayer(nn.Module):
+    def __init__(self, dim: int, hidden: int, num_experts: int, num_shared: int, router_cfg: RouterConfig,
+                 layer_id: int, ep_group: Optional[dist.ProcessGroup] = None,
+                 dp_group: Optional[dist.ProcessGroup] = None, backend: str = "auto"):
+        super().__init__()
+        self.layer_id, self.num_experts, self.router_cfg = layer_id, num_experts, router_cfg
+        self.dp_group = dp_group  # the ranks over which the router is data parallel (for global aux-loss counts)
+        self.router = Router(dim, num_experts, router_cfg)
+        if ep_group is not None and dist.get_world_size(ep_group) > 1:
+            self.dispatcher = AllToAllDispatcher(num_experts, ep_group, router_cfg.capacity_factor,
+                                                 router_cfg.pad_to_capacity)
+            ep_rank = dist.get_rank(ep_group)
+        else:
+            self.dispatcher = LocalDispatcher(num_experts, router_cfg.capacity_factor, router_cfg.pad_to_capacity)
+            ep_rank = 0
+        L = self.dispatcher.num_local_experts
+        self.experts = GroupedExperts(dim, hidden, list(range(ep_rank * L, (ep_rank + 1) * L)), backend)
+        self.shared_experts = SwiGLU(dim, hidden * num_shared) if num_shared > 0 else None
+        self.aux_loss: Optional[torch.Tensor] = None
+        self.stats: Optional[MoEStats] = None
+
+    def reset_parameters(self, init_std: float, out_std: float, seed: int) -> None:
+        self.router.reset_parameters(init_std)
+        self.experts.reset_parameters(init_std, out_std, seed, self.layer_id)
+        if self.shared_experts is not None:
+            self.shared_experts.reset_parameters(init_std, out_std)
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        B, S, D = x_BSD.shape
+        x_TD = x_BSD.reshape(B * S, D)
+        routed = self.router(x_TD)
+        d = self.dispatcher
+        plan = d.plan(routed.topk_idx_TK, routed.gates_TK)
+        x_RD = d.dispatch_comm(d.dispatch_preprocess(x_TD, plan), plan)
+        shared_TD = self.shared_experts(x_TD) if self.shared_experts is not None else None
+        x_RrD, tokens_per_local_expert_L = d.dispatch_postprocess(x_RD, plan)
+        y_RrD = self.experts(x_RrD, tokens_per_local_expert_L)
+        y_RD = d.combine_comm(d.combine_preprocess(y_RrD, plan), plan)
+        y_TD = d.combine_postprocess(y_RD, plan).to(x_BSD.dtype)
+        if shared_TD is not None:
+            y_TD = y_TD + shared_TD
+
+        counts_E = torch.bincount(routed.topk_idx_TK.flatten(), minlength=self.num_experts)
+        self.stats = MoEStats(counts_E, tokens_per_local_expert_L.detach(), plan.num_dropped,
+                              routed.topk_idx_TK.numel())
+        self.aux_loss = self._router_losses(routed, counts_E, B, S)
+        return y_TD.view(B, S, D)
+
+    def _router_losses(self, routed, counts_E: torch.Tensor, B: int, S: int) -> Optional[torch.Tensor]:
+        cfg, E, K = self.router_cfg, self.num_experts, self.router_cfg.top_k
+        total = None
+
+        def add(term):
+            nonlocal total
+            total = term if total is None else total + term
+
+        if cfg.aux_loss_coeff > 0:
+            global_counts_E = counts_E.float()
+            if self.dp_group is not None and dist.get_world_size(self.dp_group) > 1:
+                global_counts_E = global_counts_E.clone()
+                dist.all_reduce(global_counts_E, group=self.dp_group)
+            add(losses.switch_aux_loss(routed.scores_TE, routed.topk_idx_TK, E, cfg.aux_loss_coeff, global_counts_E))
+        if cfg.seq_aux_loss_coeff > 0:
+            add(losses.seq_aux_loss(routed.scores_TE.view(B, S, E), routed.topk_idx_TK.view(B, S, K), E,
+                                    cfg.seq_aux_loss_coeff))
+        if cfg.z_loss_coeff > 0:
+            add(losses.z_loss(routed.logits_TE, cfg.z_loss_coeff))
+        return total

@@ -1,0 +1,227 @@
+"""Single-process MoE building blocks: grouped GEMM, experts, router, routing plan, the layer."""
+
+import math
+
+import pytest
+import torch
+
+from moetrain.config.schema import RouterConfig
+from moetrain.kernels.grouped_gemm import grouped_mm
+from moetrain.moe.experts import GroupedExperts, reference_experts
+from moetrain.moe.layer import MoELayer
+from moetrain.moe.router import Router, balanced_assignment, select_topk
+from moetrain.parallel.dispatch.plan import build_plan, capacity_for, permute, unpermute
+from tests.moe_reference import dense_moe_reference
+
+
+@pytest.mark.parametrize("backend", ["grouped_mm", "loop"])
+@pytest.mark.parametrize("counts", [[3, 0, 7, 2], [0, 0, 0, 0], [12, 0, 0, 0], [1, 1, 1, 1]])
+def test_grouped_mm_matches_per_group_matmul(backend, counts):
+    torch.manual_seed(0)
+    R, D, F = sum(counts), 8, 12
+    x = torch.randn(R, D, requires_grad=True)
+    w = torch.randn(len(counts), D, F, requires_grad=True)
+    c = torch.tensor(counts)
+    y = grouped_mm(x, w, c, backend)
+    dy = torch.randn_like(y)
+    (y * dy).sum().backward()
+    xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    outs, s = [], 0
+    for e, n in enumerate(counts):
+        outs.append(xr[s:s + n] @ wr[e])
+        s += n
+    yr = torch.cat(outs)
+    (yr * dy).sum().backward()
+    torch.testing.assert_close(y, yr)
+    torch.testing.assert_close(x.grad, xr.grad)
+    torch.testing.assert_close(w.grad, wr.grad)
+    for e, n in enumerate(counts):
+        if n == 0:
+            assert torch.all(w.grad[e] == 0)
+
+
+def test_grouped_mm_survives_stride0_gradient():
+    x = torch.randn(6, 8, requires_grad=True)
+    w = torch.randn(2, 8, 4, requires_grad=True)
+    grouped_mm(x, w, torch.tensor([2, 4]), "grouped_mm").sum().backward()  # sum() gives a stride-0 gradient
+    assert w.grad is not None and x.grad is not None
+
+
+def test_grouped_experts_equal_per_expert_loop_including_empty_expert():
+    torch.manual_seed(1)
+    experts = GroupedExperts(8, 16, [0, 1, 2, 3])
+    experts.reset_parameters(0.1, 0.1, seed=0, layer_id=0)
+    counts = torch.tensor([5, 0, 3, 4])
+    x = torch.randn(12, 8, requires_grad=True)
+    y = experts(x, counts)
+    dy = torch.randn_like(y)
+    (y * dy).sum().backward()
+    grads = [p.grad.clone() for p in (experts.w1_EDF, experts.w3_EDF, experts.w2_EFD)]
+    xr = x.detach().clone().requires_grad_()
+    ws = [p.detach().clone().requires_grad_() for p in (experts.w1_EDF, experts.w3_EDF, experts.w2_EFD)]
+    yr = reference_experts(xr, counts, *ws)
+    (yr * dy).sum().backward()
+    torch.testing.assert_close(y, yr)
+    torch.testing.assert_close(x.grad, xr.grad)
+    for g, wr in zip(grads, ws):
+        torch.testing.assert_close(g, wr.grad)
+    assert all(torch.all(g[1] == 0) for g in grads)
+
+
+def test_expert_init_does_not_depend_on_split():
+    full = GroupedExperts(8, 16, [0, 1, 2, 3])
+    full.reset_parameters(0.02, 0.01, seed=3, layer_id=2)
+    half = GroupedExperts(8, 16, [2, 3])
+    half.reset_parameters(0.02, 0.01, seed=3, layer_id=2)
+    torch.testing.assert_close(full.w1_EDF[2:], half.w1_EDF, rtol=0, atol=0)
+    torch.testing.assert_close(full.w2_EFD[2:], half.w2_EFD, rtol=0, atol=0)
+
+
+def test_router_bias_selects_but_does_not_scale_gates():
+    torch.manual_seed(0)
+    router = Router(8, 4, RouterConfig(top_k=1, norm_topk_prob=False))
+    router.reset_parameters(0.5)
+    x = torch.randn(16, 8)
+    before = router(x)
+    router.expert_bias_E.copy_(torch.tensor([0.0, 0.0, 0.0, 10.0]))
+    after = router(x)
+    assert torch.all(after.topk_idx_TK == 3)
+    torch.testing.assert_close(after.gates_TK[:, 0], after.scores_TE[:, 3])
+    torch.testing.assert_close(after.scores_TE, before.scores_TE)
+
+
+def test_router_counts_only_when_counting():
+    router = Router(8, 4, RouterConfig(top_k=2))
+    router.reset_parameters(0.5)
+    router(torch.randn(10, 8))
+    assert router.tokens_per_expert_E.sum() == 20
+    router.counting = False
+    router(torch.randn(10, 8))
+    assert router.tokens_per_expert_E.sum() == 20
+
+
+def test_router_gates_renormalised_and_scaled_sigmoid():
+    router = Router(8, 6, RouterConfig(top_k=3, score_func="sigmoid", norm_topk_prob=True, route_scale=2.5))
+    router.reset_parameters(0.5)
+    out = router(torch.randn(7, 8))
+    torch.testing.assert_close(out.gates_TK.sum(-1), torch.full((7,), 2.5))
+
+
+def test_group_limited_routing_stays_in_best_groups():
+    scores = torch.tensor([[0.9, 0.8, 0.1, 0.1, 0.5, 0.0, 0.95, 0.0]])  # groups of 2: [1.7, 0.2, 0.5, 0.95]
+    idx = select_topk(scores, k=2, num_groups=4, topk_groups=2)
+    assert set(idx[0].tolist()) <= {0, 1, 6, 7}
+    assert set(idx[0].tolist()) == {0, 6}
+
+
+def test_balanced_assignment_is_even():
+    idx = balanced_assignment(12, 8, 2, "cpu")
+    assert torch.bincount(idx.flatten(), minlength=8).tolist() == [3] * 8
+    assert all(len(set(row.tolist())) == 2 for row in idx)
+
+
+def test_plan_dropless_permute_unpermute_roundtrip():
+    torch.manual_seed(0)
+    T, K, E, D = 9, 2, 4, 3
+    idx = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
+    gates = torch.rand(T, K)
+    plan = build_plan(idx, gates, E)
+    assert plan.tokens_per_expert_E.tolist() == torch.bincount(idx.flatten(), minlength=E).tolist()
+    x = torch.randn(T, D)
+    x_RD = permute(x, plan)
+    expert_of_row = idx.flatten()[torch.argsort(idx.flatten(), stable=True)]
+    assert torch.all(expert_of_row[1:] >= expert_of_row[:-1])
+    y = unpermute(x_RD, plan)
+    torch.testing.assert_close(y, x * gates.sum(1, keepdim=True))
+
+
+def test_capacity_drops_lowest_gates_and_pads():
+    # 4 tokens all pick expert 0 first; capacity = ceil(4*1/2 * 1.0) = 2 -> keep the 2 highest gates.
+    idx = torch.tensor([[0], [0], [0], [1]])
+    gates = torch.tensor([[0.1], [0.9], [0.5], [0.7]])
+    assert capacity_for(4, 1, 2, 1.0) == 2
+    plan = build_plan(idx, gates, 2, capacity_factor=1.0)
+    assert plan.num_dropped == 1
+    assert plan.token_idx_R.tolist() == [1, 2, 3]
+    assert plan.tokens_per_expert_E.tolist() == [2, 1]
+    padded = build_plan(idx, gates, 2, capacity_factor=1.0, pad_to_capacity=True)
+    assert padded.tokens_per_expert_E.tolist() == [2, 2]
+    assert padded.token_idx_R.tolist() == [1, 2, 3, 4]  # 4 = T: the zero padding row
+    x = torch.randn(4, 3)
+    x_RD = permute(x, padded)
+    assert torch.all(x_RD[3] == 0)
+    y = unpermute(x_RD, padded)
+    torch.testing.assert_close(y[0], torch.zeros(3))
+    torch.testing.assert_close(y[1], 0.9 * x[1])
+
+
+def _layer(E=4, K=2, shared=0, **router_kw):
+    torch.manual_seed(0)
+    layer = MoELayer(8, 16, E, shared, RouterConfig(top_k=K, **router_kw), layer_id=1)
+    layer.reset_parameters(0.2, 0.2, seed=0)
+    return layer
+
+
+@pytest.mark.parametrize("E,K", [(4, 2), (4, 4), (8, 1)])
+def test_layer_matches_dense_reference_forward_and_backward(E, K):
+    layer = _layer(E, K)
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    y = layer(x)
+    dy = torch.randn_like(y)
+    (y * dy).sum().backward()
+    routed = layer.router(x.detach().view(-1, 8))
+    xr = x.detach().clone().requires_grad_()
+    ws = [p.detach().clone().requires_grad_() for p in (layer.experts.w1_EDF, layer.experts.w3_EDF,
+                                                         layer.experts.w2_EFD)]
+    gate_w = layer.router.gate.weight.detach().clone().requires_grad_()
+    scores = torch.softmax(xr.view(-1, 8) @ gate_w.t(), -1)
+    gates = scores.gather(1, routed.topk_idx_TK)
+    if K > 1:
+        gates = gates / gates.sum(-1, keepdim=True)
+    yr = dense_moe_reference(xr.view(-1, 8), routed.topk_idx_TK, gates, *ws).view_as(y)
+    (yr * dy).sum().backward()
+    torch.testing.assert_close(y, yr)
+    torch.testing.assert_close(x.grad, xr.grad)
+    torch.testing.assert_close(layer.router.gate.weight.grad, gate_w.grad)
+    for p, wr in zip((layer.experts.w1_EDF, layer.experts.w3_EDF, layer.experts.w2_EFD), ws):
+        torch.testing.assert_close(p.grad, wr.grad)
+
+
+def test_layer_single_token_and_all_to_one_expert():
+    layer = _layer(4, 1)
+    layer.router.expert_bias_E.copy_(torch.tensor([0.0, 0.0, 100.0, 0.0]))  # every token picks expert 2
+    x = torch.randn(1, 1, 8, requires_grad=True)
+    y = layer(x)
+    y.pow(2).sum().backward()
+    assert layer.stats.tokens_per_expert_E.tolist() == [0, 0, 1, 0]
+    assert torch.all(layer.experts.w1_EDF.grad[[0, 1, 3]] == 0)
+    assert layer.experts.w1_EDF.grad[2].abs().sum() > 0
+
+
+def test_layer_shared_experts_added():
+    layer = _layer(4, 2, shared=1)
+    x = torch.randn(1, 3, 8)
+    routed_only = layer.shared_experts
+    layer.shared_experts = None
+    y0 = layer(x)
+    layer.shared_experts = routed_only
+    y1 = layer(x)
+    torch.testing.assert_close(y1 - y0, routed_only(x.view(-1, 8)).view_as(y1))
+
+
+def test_layer_capacity_mode_matches_reference_with_drops():
+    layer = _layer(4, 2, capacity_factor=0.5)
+    x = torch.randn(2, 8, 8)
+    y = layer(x)
+    assert layer.stats.num_dropped > 0
+    routed = layer.router(x.view(-1, 8))
+    plan = build_plan(routed.topk_idx_TK, routed.gates_TK, 4, 0.5)
+    expert_of_row = torch.repeat_interleave(torch.arange(4), plan.tokens_per_expert_E)
+    keep_TK = torch.zeros(16, 2)  # 1 where the copy (t, k) survived the capacity cut
+    for t, e in zip(plan.token_idx_R.tolist(), expert_of_row.tolist()):
+        keep_TK[t, (routed.topk_idx_TK[t] == e).nonzero()[0, 0]] = 1
+    assert int(keep_TK.sum()) == 32 - plan.num_dropped
+    yr = dense_moe_reference(x.view(-1, 8), routed.topk_idx_TK, routed.gates_TK, layer.experts.w1_EDF,
+                             layer.experts.w3_EDF, layer.experts.w2_EFD, keep_TK)
+    torch.testing.assert_close(y.view(-1, 8), yr)
+    assert math.isclose(layer.stats.num_dropped / layer.stats.num_copies, plan.num_dropped / 32)
