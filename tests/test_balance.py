@@ -96,7 +96,7 @@ def test_switch_aux_loss_gradient_only_through_P():
     (0.5 * E * (f_E * torch.softmax(logits2_TE, -1).mean(0)).sum()).backward()
     torch.testing.assert_close(grad, logits2_TE.grad)
 
-    # d loss / d s_{t,i} for scores already summing to one, through the normalisation: coeff*E/T * (f_i - sum_j f_j s'_j)
+    # d loss / d s_{t,i} for scores summing to one, through the normalisation: coeff*E/T * (f_i - sum_j f_j s'_j)
     s_TE = torch.softmax(torch.randn(T, E), -1).requires_grad_(True)
     switch_aux_loss(s_TE, topk_idx_TK, E, 0.5).backward()
     expected_TE = 0.5 * E / T * (f_E - (f_E * s_TE.detach()).sum(-1, keepdim=True))
@@ -116,7 +116,7 @@ def test_switch_aux_loss_global_counts_match_single_process():
     ]
     torch.testing.assert_close((per_rank[0] + per_rank[1]) / 2, full)
     # without the global counts the average is (in general) different
-    local = [switch_aux_loss(scores_TE[r * 5 : (r + 1) * 5], topk_idx_TK[r * 5 : (r + 1) * 5], E, 0.1) for r in range(2)]
+    local = [switch_aux_loss(scores_TE[r * 5 : (r + 1) * 5], topk_idx_TK[r * 5 : (r + 1) * 5], E, 0.1) for r in (0, 1)]
     assert not torch.allclose((local[0] + local[1]) / 2, full)
 
 

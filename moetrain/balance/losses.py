@@ -72,7 +72,9 @@ def switch_aux_loss(
             counts_E = torch.bincount(topk_idx_TK.flatten().long(), minlength=num_experts).float()
         else:
             if tokens_per_expert_E.numel() != num_experts:
-                raise ValueError(f"tokens_per_expert_E must have {num_experts} entries, got {tokens_per_expert_E.numel()}")
+                raise ValueError(
+                    f"tokens_per_expert_E must have {num_experts} entries, got {tokens_per_expert_E.numel()}"
+                )
             counts_E = tokens_per_expert_E.detach().reshape(-1).float().to(scores_TE.device)
         f_E = counts_E / counts_E.sum().clamp_min(1.0)
     P_E = _normalise_scores(scores_TE).mean(0)

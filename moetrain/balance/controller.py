@@ -1,0 +1,90 @@
+"""Per-step routing bookkeeping: global token counts, the aux-loss-free bias update, routing telemetry.
+
+Legend: E experts, L local experts, W world size, N MoE layers.
+
+After the backward pass of the last micro-batch and before the optimizer step:
+    c_NE = sum over micro-batches of each router's tokens_per_expert_E, all-reduced over all ranks (one collective)
+    b_E += u_s * sign(mean(c_E) - c_E)            per layer (balance/bias.py), u_s = bias_update_rate until
+                                                  bias_update_stop_frac * max_steps, then 0
+The counts are also what the routing metrics (MaxVio etc.) are computed from, so telemetry costs no extra collective
+except the per-rank compute load, gathered on logging steps only.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moetrain.balance.bias import bias_rate_at, bias_update_
+from moetrain.config.schema import RouterConfig
+from moetrain.moe.layer import MoELayer
+from moetrain.parallel.mesh import ParallelContext
+
+
+@contextmanager
+def router_counting(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Turn token counting on or off in every router (off during backward, so recomputation counts nothing)."""
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    previous = [m.router.counting for m in layers]
+    for m in layers:
+        m.router.counting = enabled
+    try:
+        yield
+    finally:
+        for m, prev in zip(layers, previous):
+            m.router.counting = prev
+
+
+class BalanceController:
+    def __init__(self, model: nn.Module, router_cfg: RouterConfig, max_steps: int, ctx: ParallelContext):
+        self.layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+        self.cfg, self.max_steps, self.ctx = router_cfg, max_steps, ctx
+        self._rows_computed = [torch.zeros((), dtype=torch.float64) for _ in self.layers]
+        self._dropped = [0 for _ in self.layers]
+        self._copies = [0 for _ in self.layers]
+
+    def after_forward(self) -> None:
+        """Accumulate per-micro-batch statistics that are not kept by the routers themselves."""
+        for i, m in enumerate(self.layers):
+            if m.stats is not None:
+                self._rows_computed[i] += m.stats.tokens_per_local_expert_L.sum().double().cpu()
+                self._dropped[i] += m.stats.num_dropped
+                self._copies[i] += m.stats.num_copies
+
+    @torch.no_grad()
+    def step(self, step: int) -> torch.Tensor:
+        """Reduce this step's counts over all ranks, update the biases, reset the counters. Returns counts_NE."""
+        if not self.layers:
+            return torch.zeros(0, 0)
+        counts_NE = torch.stack([m.router.tokens_per_expert_E for m in self.layers])
+        if self.ctx.is_distributed:
+            dist.all_reduce(counts_NE, group=self.ctx.world_group)
+        rate = bias_rate_at(step, self.max_steps, self.cfg.bias_update_rate, self.cfg.bias_update_stop_frac)
+        for m, counts_E in zip(self.layers, counts_NE):
+            if rate > 0 and not self.cfg.force_balanced:
+                bias_update_(m.router.expert_bias_E, counts_E, rate, self.cfg.bias_update_center)
+            m.router.tokens_per_expert_E.zero_()
+        return counts_NE
+
+    @torch.no_grad()
+    def pop_compute_stats(self) -> dict[str, list[float]]:
+        """Per layer: rows computed per rank (gathered over ranks) and the dropped fraction; resets the accumulators."""
+        rows_N = torch.stack(self._rows_computed).to(self.ctx.device)
+        dropped = torch.tensor([self._dropped, self._copies], dtype=torch.float64, device=self.ctx.device)
+        if self.ctx.is_distributed:
+            gathered = [torch.empty_like(rows_N) for _ in range(self.ctx.world_size)]
+            dist.all_gather(gathered, rows_N, group=self.ctx.world_group)
+            rows_WN = torch.stack(gathered)
+            dist.all_reduce(dropped, group=self.ctx.world_group)
+        else:
+            rows_WN = rows_N[None]
+        for acc in self._rows_computed:
+            acc.zero_()
+        self._dropped = [0 for _ in self.layers]
+        self._copies = [0 for _ in self.layers]
+        return {"rank_loads": rows_WN.t().cpu().tolist(),
+                "dropped_frac": (dropped[0] / dropped[1].clamp(min=1)).cpu().tolist()}
