@@ -1,0 +1,103 @@
+"""Console entry points: moetrain-train (= python -m moetrain.train), moetrain-prepare, moetrain-report.
+
+    moetrain-train [--cfg] [KEY=VALUE | GROUP=OPTION ...]
+
+Errors the user can fix (bad overrides, inconsistent settings, bad data or checkpoint paths) print one line,
+`moetrain-train: error: ...`, and exit with status 2 before any process group starts.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional, Sequence
+
+USAGE = """usage: moetrain-train [--cfg] [OVERRIDE ...]
+
+Train a Mixture-of-Experts LM. Overrides are Hydra syntax, for example:
+  moetrain-train model=tiny model.num_experts=16 router.top_k=4 optim.lr=1e-3 trainer.max_steps=50
+  torchrun --nproc_per_node=2 -m moetrain.train parallel.ep=2
+Groups: model (tiny, small, mixtral_8x7b, deepseek_v3_like, qwen3_moe_like, olmoe_like), router, parallel, optim,
+data, logger. --cfg prints the composed config and exits. trainer.dry_run=true prints parameter counts and exits.
+"""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from moetrain.config.validate import ConfigError
+    from moetrain.data import DataError
+    from moetrain.train.checkpoint import CheckpointError
+
+    return ConfigError, DataError, CheckpointError
+
+
+def _fail(prog: str, msg: str, rank: int) -> int:
+    if rank == 0:
+        print(f"{prog}: error: {msg}", file=sys.stderr, flush=True)
+    return 2
+
+
+def train_main(argv: Optional[Sequence[str]] = None) -> int:
+    from omegaconf import OmegaConf
+
+    from moetrain.config.compose import compose_config
+    from moetrain.config.validate import validate
+    from moetrain.parallel.mesh import env_world
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in args or "--help" in args:
+        print(USAGE)
+        return 0
+    print_cfg = "--cfg" in args
+    overrides = [a for a in args if a != "--cfg"]
+    rank, world_size, _ = env_world()
+    errors = _user_errors()
+    try:
+        cfg = compose_config(overrides)
+        if print_cfg:
+            print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+            return 0
+        if cfg.trainer.dry_run:
+            return _dry_run(cfg)
+        validate(cfg, world_size)
+        return _train(cfg)
+    except errors as e:
+        return _fail("moetrain-train", str(e), rank)
+
+
+def _dry_run(cfg) -> int:
+    from moetrain.model.transformer import count_parameters
+
+    counts = count_parameters(cfg.model, cfg.router)
+    m = cfg.model
+    print(f"model {m.name}: {m.n_layers} layers, dim {m.dim}, {m.num_experts} experts (top-{cfg.router.top_k}, "
+          f"hidden {m.moe_hidden}, {m.num_shared_experts} shared)")
+    for key, value in counts.items():
+        print(f"  {key:>22}: {value:>17,d}  ({value / 1e9:.2f}B)")
+    return 0
+
+
+def _train(cfg) -> int:
+    import torch.distributed as dist
+
+    from moetrain.parallel.mesh import init_parallel
+    from moetrain.train.trainer import Trainer
+
+    ctx = init_parallel(cfg.parallel.ep, cfg.trainer.device, cfg.parallel.backend)
+    try:
+        Trainer(cfg, ctx).run()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def prepare_main(argv: Optional[Sequence[str]] = None) -> int:
+    from moetrain.data.prepare import main
+
+    return main(argv)
+
+
+def report_main(argv: Optional[Sequence[str]] = None) -> int:
+    from moetrain.telemetry.report import main
+
+    return main(argv)
+

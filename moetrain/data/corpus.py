@@ -1,0 +1,47 @@
+"""The embedded default corpus: the Python standard library's own .py sources, present on every Python install.
+
+Files are taken in sorted relative-path order (deterministic), joined with NUL separators, truncated to max_bytes and
+prepared once into shards under <cache_dir or ~/.cache/moetrain>/stdlib-py<X.Y>-<max_bytes>-<val_fraction>/.
+"""
+
+from __future__ import annotations
+
+import sys
+import sysconfig
+from pathlib import Path
+from typing import Iterator, Optional
+
+from moetrain.data import DataError
+from moetrain.data.shards import is_shard_dir, write_shards
+
+SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__", "turtledemo",
+             "ensurepip", "venv", "tkinter", "pydoc_data"}
+
+
+def stdlib_files() -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [p for p in root.rglob("*.py") if not (set(p.relative_to(root).parts[:-1]) & SKIP_DIRS)]
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _docs(files: list[Path]) -> Iterator[bytes]:
+    for f in files:
+        try:
+            yield f.read_bytes()
+        except OSError:
+            continue
+
+
+def stdlib_shards(cache_dir: Optional[str], max_bytes: int, val_fraction: float) -> Path:
+    base = Path(cache_dir).expanduser() if cache_dir else Path.home() / ".cache" / "moetrain"
+    out = base / f"stdlib-py{sys.version_info.major}.{sys.version_info.minor}-{max_bytes}-{val_fraction}"
+    if is_shard_dir(out):
+        return out
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create the corpus cache {base} ({e.strerror}); set data.cache_dir=WRITABLE_DIR") from None
+    files = stdlib_files()
+    if not files:
+        raise DataError("no standard-library sources found on this Python; use data=shards data.path=DIR")
+    return write_shards(_docs(files), out, val_fraction, max_bytes=max_bytes)

@@ -1,0 +1,83 @@
+"""On-disk token shards: DIR/train.bin, DIR/val.bin (raw uint8 tokens) and DIR/meta.json.
+
+The validation split is the last `val_fraction` of the concatenated tokens. Writing is atomic: everything goes to
+`DIR.tmp-<pid>` first and is renamed to DIR; if DIR appeared meanwhile (another rank won the race), ours is discarded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from moetrain.data import DataError
+from moetrain.data.tokenizer import SEPARATOR, ByteTokenizer
+
+FORMAT = 1
+
+
+def is_shard_dir(path: Path) -> bool:
+    path = Path(path)
+    return (path / "meta.json").is_file() and (path / "train.bin").is_file() and (path / "val.bin").is_file()
+
+
+def write_shards(docs: Iterable[bytes], out_dir: Path, val_fraction: float, max_bytes: int | None = None) -> Path:
+    """Concatenate documents (separated by NUL) into train/val shards; returns out_dir."""
+    out_dir = Path(out_dir)
+    if is_shard_dir(out_dir):
+        return out_dir
+    chunks, total, sources = [], 0, 0
+    for doc in docs:
+        if max_bytes is not None and total >= max_bytes:
+            break
+        piece = doc + bytes([SEPARATOR])
+        chunks.append(piece)
+        total += len(piece)
+        sources += 1
+    tokens = np.frombuffer(b"".join(chunks), dtype=np.uint8)
+    if max_bytes is not None:
+        tokens = tokens[:max_bytes]
+    n_val = int(len(tokens) * val_fraction)
+    if n_val < 1 or len(tokens) - n_val < 1:
+        raise DataError(f"only {len(tokens)} tokens of text: too little for a train and a validation split "
+                        f"(val_fraction={val_fraction}); give more text")
+    tmp = out_dir.parent / f"{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tokens[:-n_val].tofile(tmp / "train.bin")
+    tokens[-n_val:].tofile(tmp / "val.bin")
+    meta = {"format": FORMAT, "vocab_size": ByteTokenizer.vocab_size, "train_tokens": int(len(tokens) - n_val),
+            "val_tokens": int(n_val), "sources": sources, "sha256": hashlib.sha256(tokens.tobytes()).hexdigest()}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    try:
+        os.replace(tmp, out_dir)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # someone else finished first
+        if not is_shard_dir(out_dir):
+            raise DataError(f"{out_dir} exists and is not a shard directory; remove it or choose another output")
+    return out_dir
+
+
+def load_shards(path: Path) -> tuple[np.memmap, np.memmap, dict]:
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"data.path={path} does not exist; create shards with `moetrain-prepare INPUT --out {path}`")
+    if not (path / "meta.json").is_file():
+        raise DataError(f"data.path={path} has no meta.json; create shards with `moetrain-prepare INPUT --out {path}`")
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}/meta.json is not valid JSON ({e}); re-create the shards with moetrain-prepare") from None
+    if meta.get("format") != FORMAT:
+        raise DataError(f"{path}/meta.json has format {meta.get('format')!r}, expected {FORMAT}; re-create the shards")
+    for split in ("train", "val"):
+        f = path / f"{split}.bin"
+        if not f.is_file() or f.stat().st_size != meta[f"{split}_tokens"]:
+            raise DataError(f"{f} is missing or truncated; re-create the shards with moetrain-prepare")
+    return (np.memmap(path / "train.bin", dtype=np.uint8, mode="r"),
+            np.memmap(path / "val.bin", dtype=np.uint8, mode="r"), meta)

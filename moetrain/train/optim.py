@@ -1,0 +1,70 @@
+"""AdamW and the learning-rate schedule.
+
+Weight decay applies to matrices (ndim >= 2) except the token embedding; norms' gains are not decayed.
+Schedule (step s counted from 0, warm-up w, total N, floor r = min_lr_ratio):
+    lr(s) = lr * (s + 1) / w                                       for s < w
+    lr(s) = lr * (r + (1 - r) * 0.5 * (1 + cos(pi * (s - w) / (N - w))))   after (cosine), or lr (constant)
+Implementation: `impl=auto` picks apex FusedAdam on CUDA when apex is importable, else torch's fused AdamW on CUDA,
+else foreach on CPU. The choice is made here, once, by device.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from moetrain.config.schema import OptimConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    embed_ids = {id(p) for name, p in model.named_parameters() if "tok_embeddings" in name}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and id(p) not in embed_ids else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _apex_fused_adam():
+    try:
+        from apex.optimizers import FusedAdam  # type: ignore
+    except Exception:  # noqa: BLE001 - apex is optional and may be broken
+        return None
+    return FusedAdam
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay)
+    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    impl = cfg.impl
+    if impl in ("auto", "apex") and device.type == "cuda":
+        fused_adam = _apex_fused_adam()
+        if fused_adam is not None:
+            return fused_adam(groups, adam_w_mode=True, **kwargs)
+        if impl == "apex":
+            raise RuntimeError("optim.impl=apex but NVIDIA apex is not importable; use optim.impl=auto")
+    if impl == "apex" and device.type != "cuda":
+        raise RuntimeError("optim.impl=apex needs a CUDA device; use optim.impl=auto")
+    fused = impl == "fused" or (impl == "auto" and device.type == "cuda")
+    return torch.optim.AdamW(groups, fused=fused, foreach=None if fused else True, **kwargs)
+
+
+def lr_lambda(cfg: OptimConfig, max_steps: int):
+    w, r = cfg.warmup_steps, cfg.min_lr_ratio
+
+    def f(step: int) -> float:
+        if step < w:
+            return (step + 1) / w
+        if cfg.schedule == "constant" or max_steps <= w:
+            return 1.0
+        progress = min(1.0, (step - w) / (max_steps - w))
+        return r + (1 - r) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def build_scheduler(optimizer, cfg: OptimConfig, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, max_steps))
