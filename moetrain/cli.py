@@ -78,10 +78,12 @@ def _dry_run(cfg) -> int:
 def _train(cfg) -> int:
     import torch.distributed as dist
 
-    from moetrain.parallel.mesh import init_parallel
+    from moetrain.parallel.mesh import env_world, init_parallel
     from moetrain.train.trainer import Trainer
 
-    ctx = init_parallel(cfg.parallel.ep, cfg.trainer.device, cfg.parallel.backend)
+    # FSSDP shards experts over every rank: its expert group is the whole world.
+    ep = env_world()[1] if cfg.parallel.mode == "fssdp" else cfg.parallel.ep
+    ctx = init_parallel(ep, cfg.trainer.device, cfg.parallel.backend)
     try:
         Trainer(cfg, ctx).run()
     finally:

@@ -55,12 +55,22 @@ class RouterConfig:
 
 
 @dataclass
+class FSSDPConfig:
+    budget: int = 1  # extra (non-owned) experts a rank may materialize per layer and step
+    window: int = 8  # steps of past expert load averaged to predict the next step's
+    calibrate: bool = False  # blend the prediction with the current step's routing (one small all-reduce per layer)
+    reshard_every: int = 0  # re-choose owners by predicted load every N steps, moving weights and optimizer state
+    rematerialize: bool = False  # free replicas after forward and gather them again in backward
+
+
+@dataclass
 class ParallelConfig:
     mode: str = "ep"  # ep | fssdp
-    ep: int = 1  # expert-parallel size; the data-parallel size is world_size / ep
+    ep: int = 1  # expert-parallel size (mode=ep); the data-parallel size is world_size / ep
     data_parallel: str = "ddp"  # ddp | fsdp: how dense parameters are kept across ranks
     pipeline_degree: str = "1"  # auto | 1 | 2 | 4 | 8 (chunks for comm/compute overlap)
     backend: str = "auto"  # auto (nccl on cuda, gloo on cpu) | gloo | nccl
+    fssdp: FSSDPConfig = field(default_factory=FSSDPConfig)  # mode=fssdp: experts sharded over all ranks
 
 
 @dataclass

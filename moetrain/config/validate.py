@@ -78,9 +78,17 @@ def check(cfg: TrainConfig, world_size: int) -> list[str]:
             need(getattr(r, key) >= 0, f"router.{key}={getattr(r, key)} must be >= 0")
     # parallel
     need(par.mode in ("ep", "fssdp"), f"parallel.mode={par.mode!r} is unknown; use ep or fssdp")
-    need(par.mode != "fssdp", "parallel.mode=fssdp is not implemented in this version; use parallel.mode=ep")
+    if par.mode == "fssdp":
+        need(m.num_experts > 0 and m.num_experts % world_size == 0,
+             f"parallel.mode=fssdp shards whole experts over all {world_size} ranks: model.num_experts="
+             f"{m.num_experts} must be a positive multiple of the world size")
+        need(par.ep in (1, world_size), f"parallel.ep={par.ep} has no meaning with parallel.mode=fssdp (experts are "
+                                        f"sharded over all ranks); drop parallel.ep")
+        need(par.data_parallel == "ddp", "parallel.mode=fssdp keeps dense parameters with parallel.data_parallel=ddp")
+        need(par.fssdp.budget >= 0 and par.fssdp.window >= 1 and par.fssdp.reshard_every >= 0,
+             "parallel.fssdp.budget and parallel.fssdp.reshard_every must be >= 0, parallel.fssdp.window >= 1")
     need(par.ep >= 1, f"parallel.ep={par.ep} must be >= 1")
-    if par.ep >= 1:
+    if par.ep >= 1 and par.mode == "ep":
         need(world_size % par.ep == 0,
              f"world size {world_size} is not divisible by parallel.ep={par.ep}; launch a multiple of {par.ep} "
              f"processes or change parallel.ep")

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from moetrain.config.schema import ModelConfig, RouterConfig
+from moetrain.config.schema import FSSDPConfig, ModelConfig, RouterConfig
 from moetrain.model.attention import Attention
 from moetrain.model.mlp import SwiGLU
 from moetrain.model.norm import RMSNorm
@@ -32,14 +32,15 @@ def is_moe_layer(cfg: ModelConfig, i: int) -> bool:
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, router_cfg: RouterConfig, layer_id: int,
-                 ep_group: Optional[dist.ProcessGroup], dp_group: Optional[dist.ProcessGroup]):
+                 ep_group: Optional[dist.ProcessGroup], dp_group: Optional[dist.ProcessGroup],
+                 fssdp: Optional[FSSDPConfig] = None):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         if is_moe_layer(cfg, layer_id):
             self.ffn = MoELayer(cfg.dim, cfg.moe_hidden, cfg.num_experts, cfg.num_shared_experts, router_cfg,
-                                layer_id, ep_group, dp_group)
+                                layer_id, ep_group, dp_group, fssdp=fssdp)
         else:
             self.ffn = SwiGLU(cfg.dim, cfg.ffn_hidden)
 
@@ -50,11 +51,13 @@ class Block(nn.Module):
 
 class TransformerLM(nn.Module):
     def __init__(self, cfg: ModelConfig, router_cfg: RouterConfig, ep_group: Optional[dist.ProcessGroup] = None,
-                 dp_group: Optional[dist.ProcessGroup] = None, activation_checkpointing: bool = False):
+                 dp_group: Optional[dist.ProcessGroup] = None, activation_checkpointing: bool = False,
+                 fssdp: Optional[FSSDPConfig] = None):
         super().__init__()
         self.cfg, self.activation_checkpointing = cfg, activation_checkpointing
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg, router_cfg, i, ep_group, dp_group) for i in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, router_cfg, i, ep_group, dp_group, fssdp)
+                                    for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:

@@ -31,9 +31,7 @@ class GroupedExperts(nn.Module):
             p.expert_ids = self.expert_ids
 
     def forward(self, x_RD: torch.Tensor, tokens_per_expert_L: torch.Tensor) -> torch.Tensor:
-        h1_RF = grouped_mm(x_RD, self.w1_EDF, tokens_per_expert_L, self.backend)
-        h3_RF = grouped_mm(x_RD, self.w3_EDF, tokens_per_expert_L, self.backend)
-        return grouped_mm(F.silu(h1_RF) * h3_RF, self.w2_EFD, tokens_per_expert_L, self.backend)
+        return swiglu_experts(x_RD, tokens_per_expert_L, self.w1_EDF, self.w3_EDF, self.w2_EFD, self.backend)
 
     @torch.no_grad()
     def reset_parameters(self, init_std: float, out_std: float, seed: int, layer_id: int) -> None:
@@ -43,6 +41,13 @@ class GroupedExperts(nn.Module):
                 cpu = torch.empty(w.shape[1:], dtype=torch.float32)
                 nn.init.trunc_normal_(cpu, std=std, a=-3 * std, b=3 * std, generator=g)
                 w[i].copy_(cpu)
+
+
+def swiglu_experts(x_RD, tokens_per_expert_L, w1_EDF, w3_EDF, w2_EFD, backend: str = "auto") -> torch.Tensor:
+    """The grouped SwiGLU of the module docstring on given stacked weights (rows grouped by expert)."""
+    h1_RF = grouped_mm(x_RD, w1_EDF, tokens_per_expert_L, backend)
+    h3_RF = grouped_mm(x_RD, w3_EDF, tokens_per_expert_L, backend)
+    return grouped_mm(F.silu(h1_RF) * h3_RF, w2_EFD, tokens_per_expert_L, backend)
 
 
 def reference_experts(x_RD: torch.Tensor, tokens_per_expert_L: torch.Tensor, w1_EDF, w3_EDF, w2_EFD) -> torch.Tensor:

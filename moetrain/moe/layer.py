@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moetrain.balance import losses
-from moetrain.config.schema import RouterConfig
+from moetrain.config.schema import FSSDPConfig, RouterConfig
 from moetrain.model.mlp import SwiGLU
 from moetrain.moe.experts import GroupedExperts
 from moetrain.moe.router import Router
@@ -38,20 +38,33 @@ class MoEStats:
 class MoELayer(nn.Module):
     def __init__(self, dim: int, hidden: int, num_experts: int, num_shared: int, router_cfg: RouterConfig,
                  layer_id: int, ep_group: Optional[dist.ProcessGroup] = None,
-                 dp_group: Optional[dist.ProcessGroup] = None, backend: str = "auto"):
+                 dp_group: Optional[dist.ProcessGroup] = None, backend: str = "auto",
+                 fssdp: Optional[FSSDPConfig] = None):
         super().__init__()
         self.layer_id, self.num_experts, self.router_cfg = layer_id, num_experts, router_cfg
         self.dp_group = dp_group  # the ranks over which the router is data parallel (for global aux-loss counts)
         self.router = Router(dim, num_experts, router_cfg)
-        if ep_group is not None and dist.get_world_size(ep_group) > 1:
+        self.fssdp_state = None
+        if fssdp is not None and ep_group is not None and dist.get_world_size(ep_group) > 1:
+            # FSSDP: experts sharded over the whole group, hot ones replicated per step (parallel/fssdp/).
+            from moetrain.parallel.fssdp.experts import ShardedExperts
+            from moetrain.parallel.fssdp.state import FSSDPLayerState
+
+            self.fssdp_state = FSSDPLayerState(num_experts, ep_group, fssdp)
             self.dispatcher = AllToAllDispatcher(num_experts, ep_group, router_cfg.capacity_factor,
-                                                 router_cfg.pad_to_capacity)
-            ep_rank = dist.get_rank(ep_group)
+                                                 router_cfg.pad_to_capacity, placement_source=self.fssdp_state)
+            self.experts = ShardedExperts(dim, hidden, self.fssdp_state, backend, fssdp.rematerialize)
         else:
-            self.dispatcher = LocalDispatcher(num_experts, router_cfg.capacity_factor, router_cfg.pad_to_capacity)
-            ep_rank = 0
-        L = self.dispatcher.num_local_experts
-        self.experts = GroupedExperts(dim, hidden, list(range(ep_rank * L, (ep_rank + 1) * L)), backend)
+            if ep_group is not None and dist.get_world_size(ep_group) > 1:
+                self.dispatcher = AllToAllDispatcher(num_experts, ep_group, router_cfg.capacity_factor,
+                                                     router_cfg.pad_to_capacity)
+                ep_rank = dist.get_rank(ep_group)
+            else:
+                self.dispatcher = LocalDispatcher(num_experts, router_cfg.capacity_factor,
+                                                  router_cfg.pad_to_capacity)
+                ep_rank = 0
+            L = self.dispatcher.num_local_experts
+            self.experts = GroupedExperts(dim, hidden, list(range(ep_rank * L, (ep_rank + 1) * L)), backend)
         self.shared_experts = SwiGLU(dim, hidden * num_shared) if num_shared > 0 else None
         self.aux_loss: Optional[torch.Tensor] = None
         self.stats: Optional[MoEStats] = None

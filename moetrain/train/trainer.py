@@ -47,8 +47,9 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
+        fssdp = cfg.parallel.fssdp if cfg.parallel.mode == "fssdp" else None
         self.model = TransformerLM(cfg.model, cfg.router, ctx.ep_group, ctx.world_group,
-                                   tc.activation_checkpointing).to(ctx.device)
+                                   tc.activation_checkpointing, fssdp).to(ctx.device)
         self.model.init_weights(tc.seed)
         self.fsdp = cfg.parallel.data_parallel == "fsdp" and ctx.is_distributed
         if self.fsdp:
@@ -127,6 +128,9 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        for layer, counts_E in zip(self.balance.layers, self.counts_NE):
+            if layer.fssdp_state is not None:  # next placement (and periodic re-sharding) from this step's load
+                layer.fssdp_state.after_step(self.step, counts_E, list(layer.experts.parameters()), self.optimizer)
         loss, aux_loss = self._mean_over_ranks([lm_total.item() / accum, aux_total.item() / accum])
         return {"loss": loss, "aux_loss": aux_loss, "grad_norm": float(grad_norm)}
 
@@ -165,6 +169,12 @@ class Trainer:
                 dropped_frac=compute["dropped_frac"][i] if m.router_cfg.capacity_factor else None,
                 rank_loads=compute["rank_loads"][i]))
         metrics.update(self.window.summary())
+        for m in self.balance.layers:
+            if m.fssdp_state is not None:
+                metrics[f"moe/layer{m.layer_id}/replicas"] = m.fssdp_state.placement.num_replicas()
+                metrics[f"moe/layer{m.layer_id}/owners"] = list(m.fssdp_state.owners)
+                metrics[f"moe/layer{m.layer_id}/spag_bytes_rank0"] = m.fssdp_state.bytes_gathered
+                m.fssdp_state.bytes_gathered = 0
         return metrics
 
     def run(self) -> dict[str, float]:
@@ -174,6 +184,8 @@ class Trainer:
             print(f"resumed from {resumed} at step {self.step}", flush=True)
         tokens_per_step = self.cfg.data.global_batch_size * self.cfg.data.seq_len
         last: dict[str, float] = {}
+        if self.step == 0 and tc.eval_every:
+            self.loggers.log(0, self.evaluate())  # the starting point of the validation curve
         start_time, start_step = time.perf_counter(), self.step
         while self.step < tc.max_steps:
             t0 = time.perf_counter()

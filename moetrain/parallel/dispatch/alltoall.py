@@ -1,39 +1,59 @@
-"""Expert-parallel dispatcher: tokens travel to their experts' ranks with one uneven all-to-all, and back.
+"""All-to-all dispatcher: tokens travel to the ranks that compute their experts with one uneven all-to-all, and back.
 
-Legend: T tokens on this rank, D model dim, E experts, W ranks in the ep group, L = E / W local experts,
+Legend: T tokens on this rank, D model dim, E experts, W ranks in the group, M experts materialized on this rank,
 R rows leaving this rank, Rr rows arriving.
 
-Rank w of the ep group owns experts [w*L, (w+1)*L). Rows are already in expert order after the local plan, hence also in
-destination-rank order, so:
-    send_splits_W[w] = sum of tokens_per_expert_E over w's experts
-    counts_WL = all_to_all(tokens_per_expert_E.view(W, L))       # rows each source sends to each of my experts
-    recv_splits_W = counts_WL.sum(1);   tokens_per_local_expert_L = counts_WL.sum(0)
-Arriving rows are ordered (source, local expert); `regroup_idx_Rr` reorders them to (local expert, source) for the
-grouped GEMM, and its inverse restores the order for the combine. Zero-size splits (a rank that sends or receives
-nothing, an expert nobody picks) are ordinary. The token all-to-all is torch's functional collective, which is
-autograd-aware (its backward is the reverse all-to-all) and asynchronous: it returns at once and the result is
-waited for on first use, which is what lets shared experts run while tokens are in flight.
+Where experts live is a `Placement` (parallel/fssdp/placement.py): expert parallelism uses the static contiguous one
+(rank w holds experts [w*E/W, (w+1)*E/W)); FSSDP supplies a new one every step, with hot experts on several ranks.
+Destination of a routed copy of expert e sent from rank s (Hecate's rule):
+    s itself if s materializes e, else replicas(e)[(i + s) mod r_e]     (i = index of the copy among e's copies)
+so the tokens of a replicated expert spread evenly over its replicas. Rows are ordered by (destination, expert), then
+    counts_WE = all_to_all(send_counts_WE)             # rows each source sends me, per expert
+    send_splits_W = send_counts_WE.sum(1);  recv_splits_W = counts_WE.sum(1)
+    tokens_per_local_expert_M = counts_WE[:, materialized].sum(0)
+Arriving rows are ordered (source, expert); `regroup_idx_Rr` reorders them to (expert, source) for the grouped GEMM and
+its inverse restores the order for the combine. Zero-size splits (a rank that sends or receives nothing, an expert
+nobody picks) are ordinary. The token all-to-all is torch's functional collective: autograd-aware (its backward is the
+reverse all-to-all) and asynchronous (waited for on first use), which lets shared experts run while tokens are in
+flight - on CPU through gloo's background threads, on GPU on NCCL's stream.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional, Protocol
 
 import torch
 import torch.distributed as dist
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 from moetrain.parallel.dispatch.plan import RoutingPlan, build_plan, permute, unpermute
+from moetrain.parallel.fssdp.placement import Placement
+
+
+class PlacementSource(Protocol):
+    def placement_for(self, tokens_per_expert_E: torch.Tensor) -> Placement: ...
+
+
+class StaticPlacement:
+    """Expert parallelism: the same placement every step."""
+
+    def __init__(self, placement: Placement):
+        self.placement = placement
+
+    def placement_for(self, tokens_per_expert_E: torch.Tensor) -> Placement:
+        return self.placement
 
 
 @dataclass
 class AllToAllPlan:
     local: RoutingPlan
+    placement: Placement
     send_splits: list[int]
     recv_splits: list[int]
-    regroup_idx_Rr: torch.Tensor  # arrival order -> (local expert, source) order
+    regroup_idx_Rr: torch.Tensor  # arrival order -> (expert, source) order
     restore_idx_Rr: torch.Tensor  # inverse permutation
-    tokens_per_local_expert_L: torch.Tensor
+    tokens_per_local_expert_L: torch.Tensor  # rows per materialized expert, in increasing expert id
 
     @property
     def num_dropped(self) -> int:
@@ -52,29 +72,77 @@ def regroup_index(counts_WL: torch.Tensor) -> torch.Tensor:
     return torch.arange(total, device=c.device) + torch.repeat_interleave(s_ord - dst_start, c_ord, output_size=total)
 
 
+class _PlacementTables:
+    """Per-placement lookup tensors for destination assignment on one rank."""
+
+    def __init__(self, placement: Placement, rank: int, device):
+        E, W = placement.num_experts, placement.world_size
+        reps = placement.replicas
+        self.contiguous = all(len(r) == 1 for r in reps) and [r[0] for r in reps] == sorted(r[0] for r in reps)
+        self.owner_E = torch.tensor([r[0] for r in reps], dtype=torch.long, device=device)
+        self.count_E = torch.tensor([len(r) for r in reps], dtype=torch.long, device=device)
+        table = torch.full((E, W), -1, dtype=torch.long)
+        for e, r in enumerate(reps):
+            table[e, : len(r)] = torch.tensor(r)
+        self.table_EW = table.to(device)
+        self.local_E = torch.tensor([rank in r for r in reps], dtype=torch.bool, device=device)
+        self.materialized = torch.tensor(placement.materialized(rank), dtype=torch.long, device=device)
+
+
 class AllToAllDispatcher:
-    def __init__(self, num_experts: int, group: dist.ProcessGroup, capacity_factor=None, pad_to_capacity=False):
+    def __init__(self, num_experts: int, group: dist.ProcessGroup, capacity_factor=None, pad_to_capacity=False,
+                 placement_source: Optional[PlacementSource] = None):
         self.group = group
-        self.world = dist.get_world_size(group)
+        self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
         if num_experts % self.world:
-            raise ValueError(f"num_experts={num_experts} is not divisible by the expert-parallel size {self.world}")
-        self.num_experts, self.num_local_experts = num_experts, num_experts // self.world
+            raise ValueError(f"num_experts={num_experts} is not divisible by the group size {self.world}")
+        self.num_experts = num_experts
+        self.source = placement_source or StaticPlacement(Placement.contiguous(num_experts, self.world))
         self.capacity_factor, self.pad_to_capacity = capacity_factor, pad_to_capacity
+        self._tables: tuple[Optional[Placement], Optional[_PlacementTables]] = (None, None)
+
+    @property
+    def num_local_experts(self) -> int:
+        """Experts each rank owns (under FSSDP a rank may compute more: the replicas placed on it)."""
+        return self.num_experts // self.world
+
+    def _tables_for(self, placement: Placement, device) -> _PlacementTables:
+        if self._tables[0] is not placement:
+            self._tables = (placement, _PlacementTables(placement, self.rank, device))
+        return self._tables[1]
 
     def plan(self, topk_idx_TK: torch.Tensor, gates_TK: torch.Tensor) -> AllToAllPlan:
-        local = build_plan(topk_idx_TK, gates_TK, self.num_experts, self.capacity_factor, self.pad_to_capacity)
-        W, L = self.world, self.num_local_experts
-        send_counts_WL = local.tokens_per_expert_E.view(W, L)
-        recv_counts_WL = torch.empty_like(send_counts_WL)
-        dist.all_to_all_single(recv_counts_WL, send_counts_WL, group=self.group)
-        regroup = regroup_index(recv_counts_WL)
+        E, W = self.num_experts, self.world
+        local = build_plan(topk_idx_TK, gates_TK, E, self.capacity_factor, self.pad_to_capacity)
+        placement = self.source.placement_for(local.tokens_per_expert_E)
+        tab = self._tables_for(placement, topk_idx_TK.device)
+        counts_E = local.tokens_per_expert_E
+        expert_R = torch.repeat_interleave(torch.arange(E, device=counts_E.device), counts_E,
+                                           output_size=local.num_rows)
+        if tab.contiguous:
+            dest_R = tab.owner_E[expert_R]  # rows are already in destination order
+        else:
+            starts_E = torch.cumsum(counts_E, 0) - counts_E
+            copy_R = torch.arange(local.num_rows, device=counts_E.device) - starts_E[expert_R]
+            choice_R = (copy_R + self.rank) % tab.count_E[expert_R]
+            dest_R = torch.where(tab.local_E[expert_R], self.rank, tab.table_EW[expert_R, choice_R])
+            order_R = torch.argsort(dest_R * E + expert_R, stable=True)
+            local = RoutingPlan(local.token_idx_R[order_R], local.gates_R[order_R], counts_E, local.num_tokens,
+                                local.num_dropped, local.padded)
+            dest_R, expert_R = dest_R[order_R], expert_R[order_R]
+        send_counts_WE = torch.bincount(dest_R * E + expert_R, minlength=W * E).view(W, E)
+        recv_counts_WE = torch.empty_like(send_counts_WE)
+        dist.all_to_all_single(recv_counts_WE, send_counts_WE, group=self.group)
+        recv_counts_WM = recv_counts_WE.index_select(1, tab.materialized)
+        regroup = regroup_index(recv_counts_WM)
         return AllToAllPlan(
             local=local,
-            send_splits=send_counts_WL.sum(1).tolist(),
-            recv_splits=recv_counts_WL.sum(1).tolist(),
+            placement=placement,
+            send_splits=send_counts_WE.sum(1).tolist(),
+            recv_splits=recv_counts_WE.sum(1).tolist(),
             regroup_idx_Rr=regroup,
             restore_idx_Rr=torch.argsort(regroup),
-            tokens_per_local_expert_L=recv_counts_WL.sum(0),
+            tokens_per_local_expert_L=recv_counts_WM.sum(0),
         )
 
     def dispatch_preprocess(self, x_TD, plan: AllToAllPlan):

@@ -1,0 +1,75 @@
+"""FSSDP experts: own E/W whole experts, compute on the experts the step's placement materializes here.
+
+Legend: R rows arriving (grouped by materialized expert), D model dim, F hidden dim, L owned experts,
+M materialized experts (owned + replicas), X = 3*D*F elements of one expert (w1, w3, w2 flattened).
+
+    owned_LX = [w1_LDF | w3_LDF | w2_LFD]            (one row per owned expert)
+    mat_MX   = SparseAllGather(owned_LX)            (backward: SparseReduceScatter onto the owners)
+    y_RD     = SwiGLU experts of mat_MX on x_RD     (the same grouped GEMM as expert parallelism)
+
+Re-materialization (optional): the gathered weights are not kept for backward; saved-tensor hooks replace them by a
+marker and gather them again (once per layer) when backward first needs them, trading one more spAG for the memory of
+the replicas between forward and backward.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch.autograd.graph import saved_tensors_hooks
+
+from moetrain.moe.experts import GroupedExperts, swiglu_experts
+from moetrain.parallel.fssdp.collectives import SparseAllGather, sparse_all_gather
+from moetrain.parallel.fssdp.state import FSSDPLayerState
+
+
+class ShardedExperts(GroupedExperts):
+    def __init__(self, dim: int, hidden: int, state: FSSDPLayerState, backend: str = "auto",
+                 rematerialize: bool = False):
+        super().__init__(dim, hidden, state.owned_ids, backend)
+        self.state, self.rematerialize = state, rematerialize
+        self.expert_ids = state.owned_ids  # the same list object: resharding updates it in place
+        for p in self.parameters():
+            p.expert_ids = self.expert_ids
+        self.last_materialized = None  # weakref to the last gathered weights (tests check they are freed)
+
+    def _owned_LX(self) -> torch.Tensor:
+        L = self.w1_EDF.shape[0]
+        return torch.cat([self.w1_EDF.reshape(L, -1), self.w3_EDF.reshape(L, -1), self.w2_EFD.reshape(L, -1)], 1)
+
+    def _split(self, mat_MX: torch.Tensor):
+        M, (D, F) = mat_MX.shape[0], self.w1_EDF.shape[1:]
+        n = D * F
+        return (mat_MX[:, :n].view(M, D, F), mat_MX[:, n:2 * n].view(M, D, F), mat_MX[:, 2 * n:].view(M, F, D))
+
+    def forward(self, x_RD: torch.Tensor, tokens_per_expert_M: torch.Tensor) -> torch.Tensor:
+        plan, group = self.state.gather_plan(), self.state.group
+        owned_LX = self._owned_LX()
+        self.state.bytes_gathered += plan.experts_sent * owned_LX.shape[1] * owned_LX.element_size()
+        remat = self.rematerialize and torch.is_grad_enabled()
+        cache: dict[str, torch.Tensor] = {}
+        mat_MX = SparseAllGather.apply(owned_LX, plan, group, cache.clear if remat else None)
+        self.last_materialized = weakref.ref(mat_MX)
+        if not remat:
+            return swiglu_experts(x_RD, tokens_per_expert_M, *self._split(mat_MX), self.backend)
+
+        storage = mat_MX.untyped_storage().data_ptr()
+
+        def pack(t: torch.Tensor):
+            if t.untyped_storage().data_ptr() == storage:
+                return ("rematerialize", t.storage_offset(), tuple(t.shape), t.stride())
+            return t
+
+        def unpack(packed):
+            if not isinstance(packed, tuple):
+                return packed
+            if "weights" not in cache:
+                with torch.no_grad():
+                    self.state.bytes_gathered += plan.experts_sent * owned_LX.shape[1] * owned_LX.element_size()
+                    cache["weights"] = sparse_all_gather(self._owned_LX(), plan, group)
+            _, offset, shape, stride = packed
+            return cache["weights"].as_strided(shape, stride, offset)
+
+        with saved_tensors_hooks(pack, unpack):
+            return swiglu_experts(x_RD, tokens_per_expert_M, *self._split(mat_MX), self.backend)

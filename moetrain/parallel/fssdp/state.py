@@ -1,0 +1,85 @@
+"""Per-layer FSSDP state shared by the layer's dispatcher and its sharded experts.
+
+Legend: E experts, W ranks, L = E / W owned experts per rank.
+
+Life of one step:  forward: dispatcher asks `placement_for(counts)` -> placement P1 (optionally calibrated with this
+step's routing); experts gather P1's replicas (spAG), compute, and in backward reduce replica gradients onto owners
+(spRS). After the optimizer step the trainer calls `after_step(global counts)`: the load history is updated, owners are
+re-chosen by load every `reshard_every` steps (weights and optimizer state move to the new owners), and the next
+step's placement is computed. Every rank computes the same owners and placements from the same all-reduced counts.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from moetrain.config.schema import FSSDPConfig
+from moetrain.parallel.fssdp.collectives import GatherPlan, build_gather_plan
+from moetrain.parallel.fssdp.placement import LoadPredictor, Placement, balanced_owners, place_replicas
+
+
+class FSSDPLayerState:
+    def __init__(self, num_experts: int, group: dist.ProcessGroup, cfg: FSSDPConfig):
+        self.num_experts, self.group, self.cfg = num_experts, group, cfg
+        self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        per = num_experts // self.world
+        self.owners = [e // per for e in range(num_experts)]
+        self.owned_ids: list[int] = [e for e in range(num_experts) if self.owners[e] == self.rank]
+        self.predictor = LoadPredictor(num_experts, cfg.window)
+        self.placement = Placement.from_owners(self.owners, self.world)
+        self._gather_plan: tuple[Optional[Placement], Optional[GatherPlan]] = (None, None)
+        self.bytes_gathered = 0  # spAG volume sent by this rank since the last `pop_traffic`
+
+    # --------------------------------------------------------------------------------------- during forward
+    def placement_for(self, tokens_per_expert_E: torch.Tensor) -> Placement:
+        if self.cfg.calibrate and self.cfg.budget > 0:
+            current_E = tokens_per_expert_E.detach().to(torch.float64).clone()
+            dist.all_reduce(current_E, group=self.group)
+            self.placement = place_replicas(self.owners, self.predictor.predict(current_E), self.world,
+                                            self.cfg.budget)
+        return self.placement
+
+    def gather_plan(self) -> GatherPlan:
+        if self._gather_plan[0] is not self.placement:
+            self._gather_plan = (self.placement, build_gather_plan(self.placement, self.owned_ids, self.rank))
+        return self._gather_plan[1]
+
+    # ------------------------------------------------------------------------------------ after the step
+    def after_step(self, step: int, global_counts_E: torch.Tensor, params: list[torch.Tensor],
+                   optimizer: Optional[torch.optim.Optimizer]) -> None:
+        self.predictor.observe(global_counts_E)
+        if self.cfg.reshard_every and step % self.cfg.reshard_every == 0:
+            self.reshard(balanced_owners(self.predictor.predict(), self.world), params, optimizer)
+        self.placement = place_replicas(self.owners, self.predictor.predict(), self.world, self.cfg.budget)
+
+    @torch.no_grad()
+    def reshard(self, new_owners: list[int], params: list[torch.Tensor],
+                optimizer: Optional[torch.optim.Optimizer]) -> None:
+        """Move owned rows of `params` (and their optimizer state) so that expert e lives on new_owners[e]."""
+        if new_owners == self.owners:
+            return
+        old_ids = list(self.owned_ids)
+        new_ids = [e for e in range(self.num_experts) if new_owners[e] == self.rank]
+        send_rows = sorted(range(len(old_ids)), key=lambda i: (new_owners[old_ids[i]], old_ids[i]))
+        send_splits = [sum(1 for e in old_ids if new_owners[e] == w) for w in range(self.world)]
+        arriving = [e for w in range(self.world) for e in range(self.num_experts)
+                    if self.owners[e] == w and new_owners[e] == self.rank]  # arrival order: (source, expert)
+        recv_splits = [sum(1 for e in arriving if self.owners[e] == w) for w in range(self.world)]
+        place = torch.tensor([arriving.index(e) for e in new_ids], dtype=torch.long)
+        tensors = list(params)
+        if optimizer is not None:
+            for p in params:
+                tensors += [t for t in optimizer.state.get(p, {}).values()
+                            if isinstance(t, torch.Tensor) and t.shape == p.shape]
+        for t in tensors:
+            rows_LX = t.view(t.shape[0], -1)
+            send = rows_LX.index_select(0, torch.tensor(send_rows, dtype=torch.long, device=t.device))
+            recv = torch.empty_like(send)
+            dist.all_to_all_single(recv, send, recv_splits, send_splits, group=self.group)
+            rows_LX.copy_(recv.index_select(0, place.to(t.device)))
+        self.owners = list(new_owners)
+        self.owned_ids[:] = new_ids  # in place: parameters share this list as their `expert_ids`
+        self._gather_plan = (None, None)

@@ -1,0 +1,187 @@
+"""FSSDP: placement, SparseAllGather / SparseReduceScatter against dense collectives, and the FSSDP layer against one
+process (outputs, input / router / expert gradients), with and without re-materialization, balanced and skewed."""
+
+import gc
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from moetrain.config.schema import FSSDPConfig, RouterConfig
+from moetrain.moe.layer import MoELayer
+from moetrain.parallel.fssdp.collectives import build_gather_plan, sparse_all_gather, sparse_reduce_scatter
+from moetrain.parallel.fssdp.placement import (LoadPredictor, Placement, balanced_owners, place_replicas)
+from tests.distributed import run_distributed
+
+# ----------------------------------------------------------------------------------------------------- placement
+
+
+def test_balanced_owners_equal_counts_and_balanced_load():
+    load = [100, 50, 10, 10, 5, 5, 1, 1]
+    owners = balanced_owners(load, 2)
+    assert sorted(owners) == [0, 0, 0, 0, 1, 1, 1, 1]
+    per_rank = [sum(load[e] for e in range(8) if owners[e] == w) for w in range(2)]
+    assert max(per_rank) == 107  # 100 alone outweighs half the total; the LPT greedy adds the coldest to it
+    owners4 = balanced_owners([8, 7, 6, 5, 4, 3, 2, 1], 4)
+    per4 = [sum(l for l, o in zip([8, 7, 6, 5, 4, 3, 2, 1], owners4) if o == w) for w in range(4)]
+    assert per4 == [9, 9, 9, 9]
+
+
+def _rank_loads(placement, load):
+    return [sum(load[e] / len(placement.replicas[e]) for e in placement.materialized(w))
+            for w in range(placement.world_size)]
+
+
+def test_place_replicas_contains_owners_respects_budget_and_balances():
+    E, W = 16, 4
+    load = [1 / (i + 1) ** 1.2 for i in range(E)]
+    owners = balanced_owners(load, W)
+    base = max(_rank_loads(Placement.from_owners(owners, W), load)) / (sum(load) / W)
+    previous = base
+    for budget in (1, 2, 4):
+        p = place_replicas(owners, load, W, budget)
+        assert all(p.owner(e) == owners[e] for e in range(E))
+        for w in range(W):
+            assert len(p.materialized(w)) - len(p.owned(w)) <= budget
+        ratio = max(_rank_loads(p, load)) / (sum(load) / W)
+        assert ratio <= previous + 1e-9
+        previous = ratio
+    assert previous < 1.05 < base
+
+
+def test_hottest_expert_goes_everywhere_when_budget_allows():
+    load = [1000, 1, 1, 1, 1, 1, 1, 1]
+    p = place_replicas(balanced_owners(load, 4), load, 4, budget=1)
+    assert sorted(p.replicas[0]) == [0, 1, 2, 3]
+
+
+def test_no_budget_or_no_load_means_owners_only():
+    owners = [0, 0, 1, 1]
+    assert place_replicas(owners, [5, 1, 1, 1], 2, 0).replicas == ((0,), (0,), (1,), (1,))
+    assert place_replicas(owners, [0, 0, 0, 0], 2, 3).replicas == ((0,), (0,), (1,), (1,))
+
+
+def test_load_predictor_window_and_calibration():
+    pred = LoadPredictor(2, window=2)
+    assert pred.predict() == [1.0, 1.0]
+    for c in ([10, 0], [20, 0], [30, 10]):
+        pred.observe(torch.tensor(c))
+    assert pred.predict() == [25.0, 5.0]
+    assert pred.predict(torch.tensor([5, 5]), calibration=0.5) == [15.0, 5.0]
+
+
+# ------------------------------------------------------------------------------------------ sparse collectives
+
+
+def _collectives_body(rank, world, replicas):
+    E, X = len(replicas), 5
+    placement = Placement(tuple(tuple(r) for r in replicas), world)
+    owned = placement.owned(rank)
+    full_EX = torch.arange(E * X, dtype=torch.float32).view(E, X) + 1
+    plan = build_gather_plan(placement, owned, rank)
+    gathered = sparse_all_gather(full_EX[owned], plan, dist.group.WORLD)
+    # Dense reference: an all-gather of everything, then keep what the placement puts here.
+    everything = [torch.empty(len(placement.owned(w)), X) for w in range(world)]
+    dist.all_gather(everything, full_EX[owned].contiguous())
+    dense = torch.empty(E, X)
+    for w in range(world):
+        dense[placement.owned(w)] = everything[w]
+    expected_gather = dense[placement.materialized(rank)]
+    # Reduce-scatter: each rank contributes (rank+1) * ones for every materialized expert.
+    grad_MX = torch.full((len(placement.materialized(rank)), X), float(rank + 1))
+    reduced = sparse_reduce_scatter(grad_MX, plan, dist.group.WORLD)
+    contrib_EX = torch.zeros(E, X)
+    contrib_EX[placement.materialized(rank)] = grad_MX
+    dist.all_reduce(contrib_EX)  # dense reference: sum over all ranks, then keep the owned rows
+    return dict(gather=gathered, expected_gather=expected_gather, reduced=reduced, expected_reduced=contrib_EX[owned],
+                sent=plan.experts_sent)
+
+
+@pytest.mark.parametrize("world,replicas", [
+    (2, [[0], [0, 1], [1], [1, 0]]),                         # one replica each way
+    (4, [[0, 1, 2, 3], [0], [1], [1, 3], [2], [2], [3], [3]]),  # expert 0 needed by everybody, experts 1,4,5 by nobody else
+    (2, [[0], [0], [1], [1]]),                              # nothing to move
+])
+def test_sparse_collectives_match_dense_reference(world, replicas):
+    results = run_distributed(_collectives_body, world, replicas)
+    for r in results:
+        torch.testing.assert_close(r["gather"], r["expected_gather"])
+        torch.testing.assert_close(r["reduced"], r["expected_reduced"])
+    # Volume: exactly one send per (expert, non-owner replica).
+    assert sum(r["sent"] for r in results) == sum(len(rep) - 1 for rep in replicas)
+
+
+# --------------------------------------------------------------------------------------------------- the layer
+
+D, F = 8, 16
+
+
+def make_layer(E, K, group=None, fssdp=None):
+    torch.manual_seed(0)
+    layer = MoELayer(D, F, E, 0, RouterConfig(top_k=K), layer_id=1, ep_group=group, fssdp=fssdp)
+    torch.manual_seed(1)
+    layer.reset_parameters(0.3, 0.3, seed=0)
+    return layer
+
+
+def global_inputs(T):
+    g = torch.Generator().manual_seed(42)
+    return torch.randn(T, D, generator=g), torch.randn(T, D, generator=g)
+
+
+def run_layer(layer, x, dy, bias):
+    if bias is not None:
+        layer.router.expert_bias_E.copy_(torch.tensor(bias))
+    x = x.clone().requires_grad_()
+    y = layer(x[None]).squeeze(0)
+    weights_alive = layer.experts.last_materialized() is not None if hasattr(layer.experts, "last_materialized") \
+        else None
+    (y * dy).sum().backward()
+    return y.detach(), x.grad, {n: p.grad.clone() for n, p in layer.named_parameters()}, weights_alive
+
+
+def fssdp_layer_body(rank, world, E, K, tokens, bias, load, budget, remat):
+    layer = make_layer(E, K, dist.group.WORLD, FSSDPConfig(budget=budget, rematerialize=remat))
+    state = layer.fssdp_state
+    state.placement = place_replicas(state.owners, load, world, budget)
+    x, dy = global_inputs(tokens * world)
+    sl = slice(rank * tokens, (rank + 1) * tokens)
+    gc.collect()
+    y, dx, grads, alive = run_layer(layer, x[sl], dy[sl], bias)
+    return dict(y=y, dx=dx, grads=grads, owned=list(layer.experts.expert_ids), alive=alive,
+                materialized=state.placement.materialized(rank),
+                computed=layer.stats.tokens_per_local_expert_L.sum().item())
+
+
+SKEW = [0.0, -9.0, -9.0, -9.0, 0.0, -9.0, -9.0, -9.0]  # experts 0 and 4 take every token
+
+
+@pytest.mark.parametrize("world,tokens,bias,load,budget,remat", [
+    (2, 6, None, [1.0] * 8, 1, False),                              # balanced, no replicas needed
+    (2, 6, SKEW, [50, 0, 0, 0, 50, 0, 0, 0], 2, False),              # skewed, hot experts replicated
+    (2, 6, SKEW, [50, 0, 0, 0, 50, 0, 0, 0], 2, True),               # ... with re-materialization
+    (4, 4, SKEW, [50, 0, 0, 0, 50, 0, 0, 0], 1, False),              # 4 ranks
+    (4, 4, None, [8, 7, 6, 5, 4, 3, 2, 1], 2, True),
+], ids=["balanced", "skewed", "skewed_remat", "skewed_4ranks", "zipf_4ranks_remat"])
+def test_fssdp_layer_matches_single_process(world, tokens, bias, load, budget, remat):
+    E, K = 8, 2
+    results = run_distributed(fssdp_layer_body, world, E, K, tokens, bias, load, budget, remat)
+    ref = make_layer(E, K)
+    x, dy = global_inputs(tokens * world)
+    y_ref, dx_ref, grads, _ = run_layer(ref, x, dy, bias)
+    torch.testing.assert_close(torch.cat([r["y"] for r in results]), y_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.cat([r["dx"] for r in results]), dx_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sum(r["grads"]["router.gate.weight"] for r in results), grads["router.gate.weight"],
+                               rtol=1e-5, atol=1e-6)
+    for name in ("experts.w1_EDF", "experts.w3_EDF", "experts.w2_EFD"):
+        got = torch.zeros_like(grads[name])
+        for r in results:
+            got[r["owned"]] += r["grads"][name]  # each expert is owned exactly once
+        torch.testing.assert_close(got, grads[name], rtol=1e-5, atol=1e-6)
+    if remat:
+        assert all(r["alive"] is False for r in results)  # gathered weights freed after forward
+    else:
+        assert all(r["alive"] for r in results)
+    if bias is SKEW:
+        computed = [r["computed"] for r in results]
+        assert max(computed) <= 1.1 * (sum(computed) / world)  # replicas spread the two hot experts' load
