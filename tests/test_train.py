@@ -97,3 +97,22 @@ def test_dry_run_counts_mixtral(capsys):
     active = int(next(ln for ln in out.splitlines() if " active:" in ln).split(":")[1].split("(")[0].replace(",", ""))
     assert 46.0e9 < total < 47.5e9  # Mixtral-8x7B: 46.7B total
     assert 12.5e9 < active < 13.2e9  # 12.9B active
+
+
+def test_activation_checkpointing_counts_tokens_once_and_matches(tmp_path, cache_dir):
+    plain, ckpt = tmp_path / "plain", tmp_path / "ckpt"
+    common = ("trainer.max_steps=4", "router.aux_loss_coeff=0.01", "router.z_loss_coeff=0.001",
+              "router.seq_aux_loss_coeff=0.001")
+    assert train_main(overrides(plain, cache_dir, *common)) == 0
+    assert train_main(overrides(ckpt, cache_dir, *common, "trainer.activation_checkpointing=true")) == 0
+    a, b = read_metrics(plain), read_metrics(ckpt)
+    for ra, rb in zip(a, b):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-6)
+        # Recomputation in backward must not count the micro-batch a second time.
+        assert rb["moe/layer0/tokens_per_expert"] == ra["moe/layer0/tokens_per_expert"]
+        assert sum(ra["moe/layer0/tokens_per_expert"]) == 8 * 32 * 2  # global batch * seq_len * top_k
+        assert rb["moe/layer0/bias_max"] == ra["moe/layer0/bias_max"]
+    for key in ("aux/aux", "aux/seq_aux", "aux/z", "moe/layer0/entropy", "time/forward_s", "time/backward_s"):
+        assert key in a[0], key
+    assert a[0]["aux_loss"] == pytest.approx(a[0]["aux/aux"] + a[0]["aux/seq_aux"] + a[0]["aux/z"])
+    assert 0 < a[0]["moe/layer0/entropy"] <= 1.3863 + 1e-6  # ln(4 experts)

@@ -43,9 +43,13 @@ class BalanceController:
     def __init__(self, model: nn.Module, router_cfg: RouterConfig, max_steps: int, ctx: ParallelContext):
         self.layers = [m for m in model.modules() if isinstance(m, MoELayer)]
         self.cfg, self.max_steps, self.ctx = router_cfg, max_steps, ctx
-        self._rows_computed = [torch.zeros((), dtype=torch.float64) for _ in self.layers]
-        self._dropped = [0 for _ in self.layers]
-        self._copies = [0 for _ in self.layers]
+        self._reset_accumulators()
+
+    def _reset_accumulators(self) -> None:
+        n = len(self.layers)
+        self._rows_computed = [torch.zeros((), dtype=torch.float64) for _ in range(n)]
+        self._dropped, self._copies, self._tokens = [0] * n, [0] * n, [0] * n
+        self._entropy = [0.0] * n
 
     def after_forward(self) -> None:
         """Accumulate per-micro-batch statistics that are not kept by the routers themselves."""
@@ -54,6 +58,8 @@ class BalanceController:
                 self._rows_computed[i] += m.stats.tokens_per_local_expert_L.sum().double().cpu()
                 self._dropped[i] += m.stats.num_dropped
                 self._copies[i] += m.stats.num_copies
+                self._entropy[i] += float(m.stats.entropy_sum)
+                self._tokens[i] += m.stats.num_copies // m.router_cfg.top_k
 
     @torch.no_grad()
     def step(self, step: int) -> torch.Tensor:
@@ -72,19 +78,19 @@ class BalanceController:
 
     @torch.no_grad()
     def pop_compute_stats(self) -> dict[str, list[float]]:
-        """Per layer: rows computed per rank (gathered over ranks) and the dropped fraction; resets the accumulators."""
+        """Per layer: rows computed per rank (gathered over ranks), the dropped fraction and the mean routing entropy
+        since the last call (reduced over ranks); resets the accumulators."""
         rows_N = torch.stack(self._rows_computed).to(self.ctx.device)
-        dropped = torch.tensor([self._dropped, self._copies], dtype=torch.float64, device=self.ctx.device)
+        sums = torch.tensor([self._dropped, self._copies, self._entropy, self._tokens], dtype=torch.float64,
+                            device=self.ctx.device)
         if self.ctx.is_distributed:
             gathered = [torch.empty_like(rows_N) for _ in range(self.ctx.world_size)]
             dist.all_gather(gathered, rows_N, group=self.ctx.world_group)
             rows_WN = torch.stack(gathered)
-            dist.all_reduce(dropped, group=self.ctx.world_group)
+            dist.all_reduce(sums, group=self.ctx.world_group)
         else:
             rows_WN = rows_N[None]
-        for acc in self._rows_computed:
-            acc.zero_()
-        self._dropped = [0 for _ in self.layers]
-        self._copies = [0 for _ in self.layers]
+        self._reset_accumulators()
         return {"rank_loads": rows_WN.t().cpu().tolist(),
-                "dropped_frac": (dropped[0] / dropped[1].clamp(min=1)).cpu().tolist()}
+                "dropped_frac": (sums[0] / sums[1].clamp(min=1)).cpu().tolist(),
+                "entropy": (sums[2] / sums[3].clamp(min=1)).cpu().tolist()}

@@ -7,9 +7,17 @@ Legend: R routed rows (grouped by expert, contiguous), E groups (experts), D in 
 Backward:  dx_RD = grouped(dy_RF, w_EDF^T),   dw_EDF[e] = x_e^T @ dy_e   (zeros for an empty group).
 
 Two backends share one autograd function: `torch._grouped_mm` (CPU fp32/bf16 in torch >= 2.8, and CUDA bf16 on
-sm90+), and a loop of `torch.mm` per group (any device/dtype, and the reference the tests compare against).
-`torch._grouped_mm` needs 16-byte aligned strides; shapes that are not fall back to the loop. The explicit backward
-also sidesteps a torch 2.13 CPU bug where `_grouped_mm`'s own backward fails on a stride-0 incoming gradient.
+sm90+), and a loop of `torch.mm` per group writing into slices of one output (any device/dtype, and the reference the
+tests compare against). `auto` takes `torch._grouped_mm` on CUDA and the loop on CPU: on CPU (torch 2.13, fp32, one
+thread) both run every GEMM of the expert forward and backward at the same rate, within 1-2%, from 8 to 2048 rows per
+group (bench/README.md), and the loop also takes strided operands and outputs without copies. `torch._grouped_mm`
+needs 16-byte aligned strides; shapes that are not fall back to the loop. The explicit backward also sidesteps a
+torch 2.13 CPU bug where `_grouped_mm`'s own backward fails on a stride-0 incoming gradient.
+
+`grouped_swiglu` is the whole expert MLP, y = grouped(silu(grouped(x, w1)) * grouped(x, w3), w2), as ONE autograd
+function: it saves x, h1, h3 (and the weights) instead of the five activations autograd keeps, recomputes
+silu(h1) in backward, writes dh3 in place of dh, and accumulates dx = dh1 @ w1^T + dh3 @ w3^T with one addmm per
+group instead of a separate add over all rows.
 """
 
 from __future__ import annotations
@@ -32,18 +40,31 @@ def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     return False
 
 
+def _use_grouped_mm(backend: str, x: torch.Tensor, w: torch.Tensor) -> bool:
+    if x.shape[0] == 0:
+        return False
+    if backend == "grouped_mm":
+        return True
+    return backend == "auto" and x.device.type == "cuda" and grouped_mm_supported(x, w)
+
+
 def _offsets(tokens_per_group_E: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(tokens_per_group_E, 0).to(torch.int32)
 
 
-def _forward(x_RD, w_EDF, counts: list[int], offs_E, use_gmm: bool) -> torch.Tensor:
+def _forward(x_RD, w_EDF, counts: list[int], offs_E, use_gmm: bool, accumulate_into=None) -> torch.Tensor:
+    """out_RF = grouped(x_RD, w_EDF); with accumulate_into, out += grouped(...) in place (and returned)."""
     if use_gmm:
-        return torch._grouped_mm(x_RD, w_EDF, offs=offs_E)
-    out_RF = x_RD.new_empty(x_RD.shape[0], w_EDF.shape[-1])
+        y_RF = torch._grouped_mm(x_RD, w_EDF, offs=offs_E)
+        return y_RF if accumulate_into is None else accumulate_into.add_(y_RF)
+    out_RF = x_RD.new_empty(x_RD.shape[0], w_EDF.shape[-1]) if accumulate_into is None else accumulate_into
     start = 0
     for e, n in enumerate(counts):
         if n:
-            torch.mm(x_RD[start:start + n], w_EDF[e], out=out_RF[start:start + n])
+            if accumulate_into is None:
+                torch.mm(x_RD[start:start + n], w_EDF[e], out=out_RF[start:start + n])
+            else:
+                out_RF[start:start + n].addmm_(x_RD[start:start + n], w_EDF[e])
         start += n
     return out_RF
 
@@ -66,8 +87,7 @@ class _GroupedMM(torch.autograd.Function):
     def forward(ctx, x_RD, w_EDF, tokens_per_group_E, backend):
         counts = tokens_per_group_E.tolist()
         offs_E = _offsets(tokens_per_group_E)
-        use_gmm = x_RD.shape[0] > 0 and (
-            backend == "grouped_mm" or (backend == "auto" and grouped_mm_supported(x_RD, w_EDF)))
+        use_gmm = _use_grouped_mm(backend, x_RD, w_EDF)
         ctx.save_for_backward(x_RD, w_EDF, offs_E)
         ctx.counts, ctx.use_gmm = counts, use_gmm
         return _forward(x_RD, w_EDF, counts, offs_E, use_gmm)
@@ -94,3 +114,54 @@ def grouped_mm(x_RD: torch.Tensor, w_EDF: torch.Tensor, tokens_per_group_E: torc
         raise ValueError(f"unknown grouped GEMM backend {backend!r}; use auto, grouped_mm or loop")
     w_EDF = w_EDF.to(x_RD.dtype)
     return _GroupedMM.apply(x_RD, w_EDF, tokens_per_group_E, backend)
+
+
+class _GroupedSwiGLU(torch.autograd.Function):
+    """y_RD = grouped(silu(grouped(x_RD, w1)) * grouped(x_RD, w3), w2) with a hand-written backward."""
+
+    @staticmethod
+    def forward(ctx, x_RD, w1_EDF, w3_EDF, w2_EFD, tokens_per_group_E, backend):
+        counts = tokens_per_group_E.tolist()
+        offs_E = _offsets(tokens_per_group_E)
+        use_gmm = _use_grouped_mm(backend, x_RD, w1_EDF)
+        h1_RF = _forward(x_RD, w1_EDF, counts, offs_E, use_gmm)
+        h3_RF = _forward(x_RD, w3_EDF, counts, offs_E, use_gmm)
+        h_RF = torch.nn.functional.silu(h1_RF).mul_(h3_RF)
+        y_RD = _forward(h_RF, w2_EFD, counts, offs_E, use_gmm)
+        ctx.save_for_backward(x_RD, w1_EDF, w3_EDF, w2_EFD, h1_RF, h3_RF, offs_E)
+        ctx.counts, ctx.use_gmm = counts, use_gmm
+        return y_RD
+
+    @staticmethod
+    def backward(ctx, dy_RD):
+        x_RD, w1_EDF, w3_EDF, w2_EFD, h1_RF, h3_RF, offs_E = ctx.saved_tensors
+        counts, use_gmm = ctx.counts, ctx.use_gmm
+        need_x, need_w1, need_w3, need_w2 = ctx.needs_input_grad[:4]
+        dy_RD = dy_RD.contiguous()
+        s_RF = torch.nn.functional.silu(h1_RF)
+        dw2 = None
+        if need_w2:
+            dw2 = _weight_grad(s_RF * h3_RF, dy_RD, counts, offs_E, use_gmm)  # h = silu(h1) * h3
+        dx = dw1 = dw3 = None
+        if need_x or need_w1 or need_w3:
+            dh_RF = _forward(dy_RD, w2_EFD.transpose(-2, -1), counts, offs_E, use_gmm)
+            dh1_RF = torch.ops.aten.silu_backward(dh_RF * h3_RF, h1_RF)  # d/dh1 of silu(h1) * h3
+            dh3_RF = dh_RF.mul_(s_RF)  # d/dh3 = dh * silu(h1), in place of dh
+            del s_RF
+            if need_w1:
+                dw1 = _weight_grad(x_RD, dh1_RF, counts, offs_E, use_gmm)
+            if need_w3:
+                dw3 = _weight_grad(x_RD, dh3_RF, counts, offs_E, use_gmm)
+            if need_x:
+                dx = _forward(dh1_RF, w1_EDF.transpose(-2, -1), counts, offs_E, use_gmm)
+                dx = _forward(dh3_RF, w3_EDF.transpose(-2, -1), counts, offs_E, use_gmm, accumulate_into=dx)
+        return dx, dw1, dw3, dw2, None, None
+
+
+def grouped_swiglu(x_RD: torch.Tensor, w1_EDF: torch.Tensor, w3_EDF: torch.Tensor, w2_EFD: torch.Tensor,
+                   tokens_per_group_E: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """y_RD = per-group silu(x @ w1) * (x @ w3) @ w2 (rows grouped by expert; see module docstring)."""
+    if backend not in ("auto", "grouped_mm", "loop"):
+        raise ValueError(f"unknown grouped GEMM backend {backend!r}; use auto, grouped_mm or loop")
+    dt = x_RD.dtype
+    return _GroupedSwiGLU.apply(x_RD, w1_EDF.to(dt), w3_EDF.to(dt), w2_EFD.to(dt), tokens_per_group_E, backend)

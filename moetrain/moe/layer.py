@@ -33,6 +33,7 @@ class MoEStats:
     tokens_per_local_expert_L: torch.Tensor  # rows this rank's experts computed
     num_dropped: int
     num_copies: int
+    entropy_sum: torch.Tensor  # sum over tokens of the routing entropy -sum_e p log p (p = normalised scores)
 
 
 class MoELayer(nn.Module):
@@ -67,6 +68,7 @@ class MoELayer(nn.Module):
             self.experts = GroupedExperts(dim, hidden, list(range(ep_rank * L, (ep_rank + 1) * L)), backend)
         self.shared_experts = SwiGLU(dim, hidden * num_shared) if num_shared > 0 else None
         self.aux_loss: Optional[torch.Tensor] = None
+        self.aux_terms: dict[str, torch.Tensor] = {}  # each configured router loss of the last forward
         self.stats: Optional[MoEStats] = None
 
     def reset_parameters(self, init_std: float, out_std: float, seed: int) -> None:
@@ -91,28 +93,28 @@ class MoELayer(nn.Module):
             y_TD = y_TD + shared_TD
 
         counts_E = torch.bincount(routed.topk_idx_TK.flatten(), minlength=self.num_experts)
+        with torch.no_grad():
+            p_TE = routed.scores_TE / routed.scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
+            entropy_sum = -(p_TE * p_TE.clamp_min(1e-20).log()).sum()
         self.stats = MoEStats(counts_E, tokens_per_local_expert_L.detach(), plan.num_dropped,
-                              routed.topk_idx_TK.numel())
-        self.aux_loss = self._router_losses(routed, counts_E, B, S)
+                              routed.topk_idx_TK.numel(), entropy_sum)
+        self.aux_terms = self._router_losses(routed, counts_E, B, S)
+        self.aux_loss = sum(self.aux_terms.values()) if self.aux_terms else None
         return y_TD.view(B, S, D)
 
-    def _router_losses(self, routed, counts_E: torch.Tensor, B: int, S: int) -> Optional[torch.Tensor]:
+    def _router_losses(self, routed, counts_E: torch.Tensor, B: int, S: int) -> dict[str, torch.Tensor]:
         cfg, E, K = self.router_cfg, self.num_experts, self.router_cfg.top_k
-        total = None
-
-        def add(term):
-            nonlocal total
-            total = term if total is None else total + term
-
+        terms: dict[str, torch.Tensor] = {}
         if cfg.aux_loss_coeff > 0:
             global_counts_E = counts_E.float()
             if self.dp_group is not None and dist.get_world_size(self.dp_group) > 1:
                 global_counts_E = global_counts_E.clone()
                 dist.all_reduce(global_counts_E, group=self.dp_group)
-            add(losses.switch_aux_loss(routed.scores_TE, routed.topk_idx_TK, E, cfg.aux_loss_coeff, global_counts_E))
+            terms["aux"] = losses.switch_aux_loss(routed.scores_TE, routed.topk_idx_TK, E, cfg.aux_loss_coeff,
+                                                  global_counts_E)
         if cfg.seq_aux_loss_coeff > 0:
-            add(losses.seq_aux_loss(routed.scores_TE.view(B, S, E), routed.topk_idx_TK.view(B, S, K), E,
-                                    cfg.seq_aux_loss_coeff))
+            terms["seq_aux"] = losses.seq_aux_loss(routed.scores_TE.view(B, S, E), routed.topk_idx_TK.view(B, S, K),
+                                                   E, cfg.seq_aux_loss_coeff)
         if cfg.z_loss_coeff > 0:
-            add(losses.z_loss(routed.logits_TE, cfg.z_loss_coeff))
-        return total
+            terms["z"] = losses.z_loss(routed.logits_TE, cfg.z_loss_coeff)
+        return terms

@@ -212,7 +212,7 @@ class WandbLogger:
         self._wandb = wandb
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.heatmap_every = heatmap_every
+        self.heatmap_every, self.mode = heatmap_every, mode
         self._heatmap_calls = 0
         self._run = wandb.init(
             project=project, dir=str(self.run_dir), mode=mode, name=run_name, config=dict(config or {})
@@ -268,8 +268,13 @@ class WandbLogger:
 
     def close(self) -> None:
         if self._run is not None:
+            sync_file = getattr(self._run.settings, "sync_file", None)
             self._run.finish()
             self._run = None
+            if sync_file and self.mode == "offline":
+                from moetrain.telemetry.wandb_reader import wait_until_finished
+
+                wait_until_finished(sync_file)  # so that "closed" means the history is on disk
 
 
 class MultiLogger:

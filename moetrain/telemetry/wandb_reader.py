@@ -25,7 +25,7 @@ import zlib
 from pathlib import Path
 from typing import Iterator, Union
 
-__all__ = ["read_offline_history", "find_wandb_file", "iter_records"]
+__all__ = ["read_offline_history", "find_wandb_file", "iter_records", "wait_until_finished"]
 
 FILE_HEADER = struct.Struct("<4sHB")
 FILE_IDENT, FILE_MAGIC, FILE_VERSION = b":W&B", 0xBEE1, 0
@@ -99,6 +99,22 @@ def iter_records(wandb_file: Union[str, Path]):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(payload)
         yield record
+
+
+def wait_until_finished(wandb_file: Union[str, Path], timeout_s: float = 60.0) -> bool:
+    """Poll until the run's `exit` record is on disk (wandb's writer may lag `finish()` under load); True if seen."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if any(r.WhichOneof("record_type") == "exit" for r in iter_records(wandb_file)):
+                return True
+        except (OSError, ValueError):
+            pass  # partially written: try again
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
 
 
 def read_offline_history(run_dir_or_wandb_file: Union[str, Path]) -> list[dict]:

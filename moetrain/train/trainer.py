@@ -101,28 +101,44 @@ class Trainer:
             t /= self.ctx.world_size
         return t.cpu().tolist()
 
+    def _now(self) -> float:
+        if self.ctx.device.type == "cuda":  # time finished work, not queued kernels
+            torch.cuda.synchronize(self.ctx.device)
+        return time.perf_counter()
+
     def train_step(self) -> dict[str, float]:
         model, accum = self.model, self.loader.grad_accum_steps
         model.train()
-        lm_total = torch.zeros((), dtype=torch.float64)
-        aux_total = torch.zeros((), dtype=torch.float64)
+        lm_total = 0.0
+        aux_totals: dict[str, float] = {}
+        times = dict.fromkeys(("data", "forward", "backward", "grad_sync", "optimizer"), 0.0)
         for micro in range(accum):
+            t0 = self._now()
             inputs_BS, targets_BS = self.loader.train_batch(self.step, micro)
             inputs_BS, targets_BS = inputs_BS.to(self.ctx.device), targets_BS.to(self.ctx.device)
+            t1 = self._now()
             with router_counting(model, True), self.autocast:
                 logits_BSV = model(inputs_BS)
                 lm_loss = F.cross_entropy(logits_BSV.flatten(0, 1), targets_BS.flatten())
                 aux = model.aux_loss()
             self.balance.after_forward()
             loss = lm_loss if aux is None else lm_loss + aux
+            t2 = self._now()
             with router_counting(model, False):
                 (loss / accum).backward()
-            lm_total += lm_loss.detach().double().cpu()
-            if aux is not None:
-                aux_total += aux.detach().double().cpu()
+            t3 = self._now()
+            times["data"] += t1 - t0
+            times["forward"] += t2 - t1
+            times["backward"] += t3 - t2
+            lm_total += lm_loss.item()
+            for layer in self.balance.layers:
+                for name, term in layer.aux_terms.items():
+                    aux_totals[name] = aux_totals.get(name, 0.0) + term.item()
+        t0 = self._now()
         if not self.fsdp:
             sync_gradients(model, self.ctx)
         grad_norm = self._clip()
+        t1 = self._now()
         self.counts_NE = self.balance.step(self.step)
         self.optimizer.step()
         self.scheduler.step()
@@ -131,8 +147,13 @@ class Trainer:
         for layer, counts_E in zip(self.balance.layers, self.counts_NE):
             if layer.fssdp_state is not None:  # next placement (and periodic re-sharding) from this step's load
                 layer.fssdp_state.after_step(self.step, counts_E, list(layer.experts.parameters()), self.optimizer)
-        loss, aux_loss = self._mean_over_ranks([lm_total.item() / accum, aux_total.item() / accum])
-        return {"loss": loss, "aux_loss": aux_loss, "grad_norm": float(grad_norm)}
+        times["grad_sync"], times["optimizer"] = t1 - t0, self._now() - t1
+        names = sorted(aux_totals)
+        reduced = self._mean_over_ranks([lm_total / accum] + [aux_totals[n] / accum for n in names])
+        metrics = {"loss": reduced[0], "aux_loss": sum(reduced[1:]), "grad_norm": float(grad_norm)}
+        metrics.update({f"aux/{n}": v for n, v in zip(names, reduced[1:])})
+        metrics.update({f"time/{k}_s": v for k, v in times.items()})
+        return metrics
 
     def _clip(self) -> torch.Tensor:
         max_norm = self.cfg.optim.grad_clip
@@ -168,6 +189,7 @@ class Trainer:
                 m.layer_id, counts_E, bias_E=m.router.expert_bias_E,
                 dropped_frac=compute["dropped_frac"][i] if m.router_cfg.capacity_factor else None,
                 rank_loads=compute["rank_loads"][i]))
+            metrics[f"moe/layer{m.layer_id}/entropy"] = compute["entropy"][i]
         metrics.update(self.window.summary())
         for m in self.balance.layers:
             if m.fssdp_state is not None:
