@@ -116,9 +116,9 @@ def test_sparse_collectives_match_dense_reference(world, replicas):
 D, F = 8, 16
 
 
-def make_layer(E, K, group=None, fssdp=None):
+def make_layer(E, K, group=None, fssdp=None, **router_kw):
     torch.manual_seed(0)
-    layer = MoELayer(D, F, E, 0, RouterConfig(top_k=K), layer_id=1, ep_group=group, fssdp=fssdp)
+    layer = MoELayer(D, F, E, 0, RouterConfig(top_k=K, **router_kw), layer_id=1, ep_group=group, fssdp=fssdp)
     torch.manual_seed(1)
     layer.reset_parameters(0.3, 0.3, seed=0)
     return layer
@@ -185,3 +185,37 @@ def test_fssdp_layer_matches_single_process(world, tokens, bias, load, budget, r
     if bias is SKEW:
         computed = [r["computed"] for r in results]
         assert max(computed) <= 1.1 * (sum(computed) / world)  # replicas spread the two hot experts' load
+
+
+def fssdp_capacity_body(rank, world, tokens, load, capacity_factor, pad):
+    layer = make_layer(8, 2, dist.group.WORLD, FSSDPConfig(budget=2), capacity_factor=capacity_factor,
+                       pad_to_capacity=pad)
+    state = layer.fssdp_state
+    state.placement = place_replicas(state.owners, load, world, 2)
+    x, dy = global_inputs(tokens * world)
+    sl = slice(rank * tokens, (rank + 1) * tokens)
+    y, dx, grads, _ = run_layer(layer, x[sl], dy[sl], SKEW)
+    return dict(y=y, dx=dx, grads=grads, owned=list(layer.experts.expert_ids), dropped=layer.stats.num_dropped)
+
+
+@pytest.mark.parametrize("pad", [False, True])
+def test_fssdp_capacity_mode_matches_per_rank_reference(pad):
+    world, tokens, load = 2, 8, [50, 0, 0, 0, 50, 0, 0, 0]
+    results = run_distributed(fssdp_capacity_body, world, tokens, load, 1.0, pad)
+    ref = make_layer(8, 2, capacity_factor=1.0, pad_to_capacity=pad)
+    x, dy = global_inputs(tokens * world)
+    ys, dxs, grads = [], [], None
+    for r in range(world):  # capacity is per source rank: the reference applies it to each rank's slice
+        ref.zero_grad()
+        y, dx, g, _ = run_layer(ref, x[r * tokens:(r + 1) * tokens], dy[r * tokens:(r + 1) * tokens], SKEW)
+        ys.append(y)
+        dxs.append(dx)
+        grads = g if grads is None else {k: grads[k] + g[k] for k in g}
+    torch.testing.assert_close(torch.cat([r["y"] for r in results]), torch.cat(ys), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.cat([r["dx"] for r in results]), torch.cat(dxs), rtol=1e-5, atol=1e-6)
+    for name in ("experts.w1_EDF", "experts.w2_EFD"):
+        got = torch.zeros_like(grads[name])
+        for r in results:
+            got[r["owned"]] += r["grads"][name]
+        torch.testing.assert_close(got, grads[name], rtol=1e-5, atol=1e-6)
+    assert all(r["dropped"] > 0 for r in results)
