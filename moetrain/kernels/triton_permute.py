@@ -1,0 +1,40 @@
+"""Triton kernels for token permutation (see kernels/permute.py for the math and the torch reference).
+
+Kernels live in their own file because Triton needs real source to JIT them. On CPU they run under the Triton
+interpreter (TRITON_INTERPRET=1, set before this module is imported), which is how the tests exercise them.
+Grid: one program per output row and block of BLOCK_D columns; indices are int64, accumulation is fp32.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def gather_rows_kernel(x_ptr, idx_ptr, scale_ptr, out_ptr, num_src, D,
+                       HAS_SCALE: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[r, :] = scale[r] * x[idx[r], :], or zeros when idx[r] is outside [0, num_src)."""
+    r = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    src = tl.zeros([BLOCK_D], dtype=tl.int64) + tl.load(idx_ptr + r)
+    in_row = cols < D
+    valid = in_row & (src >= 0) & (src < num_src)
+    v = tl.load(x_ptr + src * D + cols, mask=valid, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        v = v * tl.load(scale_ptr + r).to(tl.float32)
+    tl.store(out_ptr + r.to(tl.int64) * D + cols, v.to(out_ptr.dtype.element_ty), mask=in_row)
+
+
+@triton.jit
+def combine_rows_kernel(y_ptr, row_ptr, gate_ptr, out_ptr, K, D, HAS_GATE: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[t, :] = sum_k gate[t, k] * y[row[t, k], :], skipping row[t, k] < 0."""
+    t = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    in_row = cols < D
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for k in range(K):
+        row = tl.zeros([BLOCK_D], dtype=tl.int64) + tl.load(row_ptr + t * K + k)
+        v = tl.load(y_ptr + row * D + cols, mask=in_row & (row >= 0), other=0.0).to(tl.float32)
+        if HAS_GATE:
+            v = v * tl.load(gate_ptr + t * K + k).to(tl.float32)
+        acc += v
+    tl.store(out_ptr + t.to(tl.int64) * D + cols, acc.to(out_ptr.dtype.element_ty), mask=in_row)

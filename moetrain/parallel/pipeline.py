@@ -1,0 +1,91 @@
+"""Adaptive pipelining degree: how many chunks a layer's all-to-all is split into, chosen from measurements.
+
+Legend: n pipeline degree (chunks), L experts computed on a rank.
+
+With n chunks the dispatch all-to-all of chunk i+1 is in flight while the experts compute chunk i, and the combine of
+chunk i while chunk i+1 computes (Tutel arXiv 2206.03382, FSMoE arXiv 2501.10714). More chunks hide more
+communication but pay more per-collective latency and smaller GEMMs, so the best n depends on the interconnect, the
+shapes and the routing. Tutel's paper picks n at run time and its public code does not; we do, per layer:
+
+  * trial phase: each candidate n in {1, 2, 4, 8} (at most L) runs for `trial_steps` whole optimizer steps (so every
+    micro-batch of a step, and any activation recomputation in its backward, uses one degree); the layer's forward
+    time from dispatch to combine is recorded for the training forwards;
+  * decision: the per-candidate mean time is all-reduced with MAX over the group (the slowest rank is what the step
+    waits for), so every rank picks the same n: argmin;
+  * re-tuning: when the tokens per micro-batch change, or the global expert load drifts from the distribution seen at
+    decision time by more than `retune_drift` in total-variation distance, the trial phase starts again.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+CANDIDATES = (1, 2, 4, 8)
+
+
+class DegreeTuner:
+    def __init__(self, max_degree: int, group: Optional[dist.ProcessGroup], trial_steps: int = 2,
+                 retune_drift: float = 0.25, candidates: Sequence[int] = CANDIDATES):
+        self.candidates = [n for n in candidates if n <= max(1, max_degree)] or [1]
+        self.group, self.trial_steps, self.retune_drift = group, trial_steps, retune_drift
+        self.chosen: Optional[int] = None
+        self.decisions = 0  # how many times a degree was chosen (1 + re-tunings)
+        self._start_trials()
+        self._num_tokens: Optional[int] = None
+        self._load_at_decision: Optional[torch.Tensor] = None
+
+    def _start_trials(self) -> None:
+        self.chosen = None
+        self._trial_index, self._steps_in_trial = 0, 0
+        self._times: dict[int, list[float]] = {n: [] for n in self.candidates}
+        self._shape_changed = False
+
+    @property
+    def degree(self) -> int:
+        """The degree to use for every forward of the current step."""
+        return self.chosen if self.chosen is not None else self.candidates[self._trial_index]
+
+    def record(self, seconds: float, num_tokens: int) -> None:
+        """A training forward of this layer took `seconds` with `num_tokens` tokens at the current degree."""
+        if self._num_tokens is not None and num_tokens != self._num_tokens:
+            self._shape_changed = True
+        self._num_tokens = num_tokens
+        if self.chosen is None:
+            self._times[self.degree].append(seconds)
+
+    def end_step(self, global_load_E: Optional[torch.Tensor] = None) -> None:
+        """Called once per optimizer step on every rank of the group, in the same order. The degree changes only
+        here, so all micro-batches of a step (and their recomputation in backward) use the same one."""
+        if self._shape_changed and self.chosen is not None:
+            self._start_trials()  # the batch shape changed: measure again
+            return
+        if self.chosen is None:
+            self._steps_in_trial += 1
+            if self._steps_in_trial < self.trial_steps:
+                return
+            self._trial_index, self._steps_in_trial = self._trial_index + 1, 0
+            if self._trial_index < len(self.candidates):
+                return
+            means = torch.tensor([sum(t) / max(len(t), 1) for t in self._times.values()], dtype=torch.float64)
+            if self.group is not None and dist.get_world_size(self.group) > 1:
+                dist.all_reduce(means, op=dist.ReduceOp.MAX, group=self.group)
+            self.chosen = self.candidates[int(torch.argmin(means))]
+            self.decisions += 1
+            self._load_at_decision = _normalise(global_load_E)
+            return
+        current = _normalise(global_load_E)
+        if current is not None and self._load_at_decision is not None:
+            drift = 0.5 * (current - self._load_at_decision).abs().sum().item()
+            if drift > self.retune_drift:
+                self._start_trials()
+
+
+def _normalise(load_E: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if load_E is None:
+        return None
+    load = load_E.detach().double().cpu()
+    total = load.sum()
+    return load / total if total > 0 else None
