@@ -52,12 +52,15 @@ def _offsets(tokens_per_group_E: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(tokens_per_group_E, 0).to(torch.int32)
 
 
-def _forward(x_RD, w_EDF, counts: list[int], offs_E, use_gmm: bool, accumulate_into=None) -> torch.Tensor:
-    """out_RF = grouped(x_RD, w_EDF); with accumulate_into, out += grouped(...) in place (and returned)."""
+def _forward(x_RD, w_EDF, counts: list[int], offs_E, use_gmm: bool, accumulate_into=None, out=None) -> torch.Tensor:
+    """out_RF = grouped(x_RD, w_EDF), into `out` if given; with accumulate_into, += in place (and returned)."""
     if use_gmm:
         y_RF = torch._grouped_mm(x_RD, w_EDF, offs=offs_E)
         return y_RF if accumulate_into is None else accumulate_into.add_(y_RF)
-    out_RF = x_RD.new_empty(x_RD.shape[0], w_EDF.shape[-1]) if accumulate_into is None else accumulate_into
+    if accumulate_into is not None:
+        out_RF = accumulate_into
+    else:
+        out_RF = out if out is not None else x_RD.new_empty(x_RD.shape[0], w_EDF.shape[-1])
     start = 0
     for e, n in enumerate(counts):
         if n:
@@ -138,14 +141,18 @@ class _GroupedSwiGLU(torch.autograd.Function):
         counts, use_gmm = ctx.counts, ctx.use_gmm
         need_x, need_w1, need_w3, need_w2 = ctx.needs_input_grad[:4]
         dy_RD = dy_RD.contiguous()
+        # Backward temporaries are reused in place: 3 R x F buffers (s, h -> dh, dh*h3 -> dh1) besides dx.
         s_RF = torch.nn.functional.silu(h1_RF)
+        buf_RF = None
         dw2 = None
         if need_w2:
-            dw2 = _weight_grad(s_RF * h3_RF, dy_RD, counts, offs_E, use_gmm)  # h = silu(h1) * h3
+            buf_RF = torch.mul(s_RF, h3_RF)  # h = silu(h1) * h3, recomputed
+            dw2 = _weight_grad(buf_RF, dy_RD, counts, offs_E, use_gmm)
         dx = dw1 = dw3 = None
         if need_x or need_w1 or need_w3:
-            dh_RF = _forward(dy_RD, w2_EFD.transpose(-2, -1), counts, offs_E, use_gmm)
-            dh1_RF = torch.ops.aten.silu_backward(dh_RF * h3_RF, h1_RF)  # d/dh1 of silu(h1) * h3
+            dh_RF = _forward(dy_RD, w2_EFD.transpose(-2, -1), counts, offs_E, use_gmm, out=buf_RF)
+            dh1_RF = torch.mul(dh_RF, h3_RF)
+            torch.ops.aten.silu_backward.grad_input(dh1_RF, h1_RF, grad_input=dh1_RF)  # d/dh1 of silu(h1) * h3
             dh3_RF = dh_RF.mul_(s_RF)  # d/dh3 = dh * silu(h1), in place of dh
             del s_RF
             if need_w1:

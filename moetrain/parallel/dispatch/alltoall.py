@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
-from moetrain.parallel.dispatch.plan import RoutingPlan, build_plan, permute, unpermute
+from moetrain.parallel.dispatch.plan import RoutingPlan, build_plan, permute, permute_rows, unpermute
 from moetrain.parallel.fssdp.placement import Placement
 
 
@@ -152,10 +152,12 @@ class AllToAllDispatcher:
         return all_to_all_single_autograd(x_RD.contiguous(), plan.recv_splits, plan.send_splits, self.group)
 
     def dispatch_postprocess(self, x_RrD, plan: AllToAllPlan):
-        return x_RrD.index_select(0, plan.regroup_idx_Rr), plan.tokens_per_local_expert_L
+        if hasattr(x_RrD, "trigger_wait"):  # the in-flight all-to-all result: wait for it here
+            x_RrD = x_RrD.wait()
+        return permute_rows(x_RrD, plan.regroup_idx_Rr, plan.restore_idx_Rr), plan.tokens_per_local_expert_L
 
     def combine_preprocess(self, y_RrD, plan: AllToAllPlan):
-        return y_RrD.index_select(0, plan.restore_idx_Rr)
+        return permute_rows(y_RrD, plan.restore_idx_Rr, plan.regroup_idx_Rr)
 
     def combine_comm(self, y_RrD, plan: AllToAllPlan):
         return all_to_all_single_autograd(y_RrD.contiguous(), plan.send_splits, plan.recv_splits, self.group)

@@ -81,6 +81,62 @@ def build_plan(topk_idx_TK: torch.Tensor, gates_TK: torch.Tensor, num_experts: i
     return RoutingPlan(padded_idx, padded_gates, full_E, T, num_dropped, True)
 
 
+class _PermuteRows(torch.autograd.Function):
+    """out = x[idx] for a permutation idx; backward is the gather by its inverse (no zero-fill + scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, x_RD, idx_R, inv_idx_R):
+        ctx.save_for_backward(inv_idx_R)
+        return x_RD.index_select(0, idx_R)
+
+    @staticmethod
+    def backward(ctx, dout_RD):
+        (inv_idx_R,) = ctx.saved_tensors
+        return dout_RD.index_select(0, inv_idx_R), None, None
+
+
+def permute_rows(x_RD: torch.Tensor, idx_R: torch.Tensor, inv_idx_R: torch.Tensor) -> torch.Tensor:
+    """x_RD[idx_R] where idx_R is a permutation of the rows and inv_idx_R its inverse."""
+    return _PermuteRows.apply(x_RD, idx_R, inv_idx_R)
+
+
+_CHUNK_BYTES = 4 << 20
+
+
+class _Unpermute(torch.autograd.Function):
+    """out_TD = index_add(zeros, token_idx_R, y_RD * gates_R[:, None]) with a fused backward:
+    g_RD = dout[token_idx_R] is gathered once, d gates = rowwise <g, y> (a batched dot, no R x D temporary) and
+    d y = g * gates in place."""
+
+    @staticmethod
+    def forward(ctx, y_RD, gates_R, token_idx_R, num_out: int):
+        gates_R1 = gates_R.to(y_RD.dtype)[:, None]
+        R, D = y_RD.shape
+        out_TD = y_RD.new_zeros(num_out, D)
+        # Weight and scatter in row chunks: the weighted temporary stays small (a full R x D one is a fresh large
+        # allocation, which glibc maps and page-faults in anew every step).
+        step = max(1, _CHUNK_BYTES // max(1, D * y_RD.element_size()))
+        buf = y_RD.new_empty(min(step, R), D)
+        for s in range(0, R, step):
+            n = min(step, R - s)
+            torch.mul(y_RD[s:s + n], gates_R1[s:s + n], out=buf[:n])
+            out_TD.index_add_(0, token_idx_R[s:s + n], buf[:n])
+        ctx.save_for_backward(y_RD if ctx.needs_input_grad[1] else None, gates_R1, token_idx_R)
+        ctx.gates_dtype = gates_R.dtype
+        return out_TD
+
+    @staticmethod
+    def backward(ctx, dout_TD):
+        y_RD, gates_R1, token_idx_R = ctx.saved_tensors
+        g_RD = dout_TD.index_select(0, token_idx_R)
+        dgates = None
+        if ctx.needs_input_grad[1]:
+            R, D = g_RD.shape
+            dgates = torch.bmm(g_RD.view(R, 1, D), y_RD.reshape(R, D, 1)).view(R).to(ctx.gates_dtype)
+        dy = g_RD.mul_(gates_R1) if ctx.needs_input_grad[0] else None
+        return dy, dgates, None, None
+
+
 def permute(x_TD: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
     """x_RD = x_TD[token_idx_R] (padding rows are zeros)."""
     if plan.padded:
@@ -90,7 +146,7 @@ def permute(x_TD: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
 
 def unpermute(y_RD: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
     """y_TD[t] = sum over rows r of token t of gates_R[r] * y_RD[r]."""
-    weighted_RD = y_RD * plan.gates_R.to(y_RD.dtype)[:, None]
-    out_TD = y_RD.new_zeros(plan.num_tokens + int(plan.padded), y_RD.shape[1])
-    out_TD = out_TD.index_add(0, plan.token_idx_R, weighted_RD)
-    return out_TD[: plan.num_tokens]
+    if hasattr(y_RD, "trigger_wait"):  # an in-flight all-to-all result (AsyncCollectiveTensor): wait for it here
+        y_RD = y_RD.wait()
+    out_TD = _Unpermute.apply(y_RD, plan.gates_R, plan.token_idx_R, plan.num_tokens + int(plan.padded))
+    return out_TD[: plan.num_tokens] if plan.padded else out_TD
