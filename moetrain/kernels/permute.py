@@ -2,15 +2,18 @@
 
 Legend: T tokens, D model dim, K top-k, R routed rows (in expert / destination order, possibly with padding).
 
-    permute   x_RD[r]  = x_TD[token_idx_R[r]]                        (token_idx_R[r] == T: a zero padding row)
-    combine   y_TD[t]  = sum_k gates_TK[t, k] * y_RD[row_TK[t, k]]     (row_TK[t, k] == -1: the copy was dropped)
-Backward, both again gathers (no atomics, so results are deterministic on every device):
-    d permute:   dx_TD[t]  = sum_k dx_RD[row_TK[t, k]]                = combine with unit gates
-    d combine:   dy_RD[r]  = gates_R[r] * dy_TD[token_idx_R[r]]         = permute scaled by the row's gate
-                 dgates_TK[t, k] = <dy_TD[t], y_RD[row_TK[t, k]]>
+    permute   x_RD[r] = x_TD[token_idx_R[r]]                    (token_idx_R[r] == T: a zero padding row)
+    combine   y_TD[t] = sum over the rows r of token t of gates_R[r] * y_RD[r]
+Backward:
+    d permute   dx_TD[t] = sum over the rows r of token t of dx_RD[r]
+    d combine   g_RD = dy_TD[token_idx_R];  dy_RD = gates_R * g_RD;  dgates_R[r] = <g_RD[r], y_RD[r]>
 
-Two backends with one autograd function each: `torch` (index_select / gather + sum; any device, and the reference)
-and `triton` (kernels/triton_permute.py). `backend="auto"` picks Triton on CUDA when it is importable, torch otherwise.
+Two backends behind the same two autograd functions, picked by device (`backend="auto"`):
+  * torch (CPU, and any device): index_select / chunked index_add. The chunking keeps the weighted temporary small: a
+    full R x D one is a fresh large allocation that glibc maps and page-faults in again every step.
+  * triton (CUDA when triton is importable; the interpreter on CPU in tests): the sums over "the rows of token t" are
+    gathers through the inverse map row_TK (row of copy (t, k), -1 if dropped), so no kernel needs atomics and the
+    result is deterministic (kernels/triton_permute.py).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import torch
 
 _BLOCK_D = 256
+_CHUNK_BYTES = 4 << 20
 
 
 def triton_available() -> bool:
@@ -36,55 +40,59 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _block(D: int) -> int:
+    return min(_BLOCK_D, 1 << max(0, (D - 1).bit_length()))
+
+
 # ------------------------------------------------------------------------------------------------ primitives
 
 
 def gather_rows(x_SD: torch.Tensor, idx_R: torch.Tensor, scale_R: torch.Tensor | None, backend: str) -> torch.Tensor:
-    """out_RD[r] = scale_R[r] * x_SD[idx_R[r]]; rows with idx outside [0, S) are zero."""
+    """out_RD[r] = scale_R[r] * x_SD[idx_R[r]]; rows whose idx is outside [0, S) are zero."""
     S, D = x_SD.shape
     if backend == "triton":
         from moetrain.kernels.triton_permute import gather_rows_kernel
 
         out = x_SD.new_empty(idx_R.shape[0], D)
         if out.numel():
-            grid = (idx_R.shape[0], triton_cdiv(D, _BLOCK_D))
-            gather_rows_kernel[grid](x_SD.contiguous(), idx_R.contiguous(),
-                                     scale_R.contiguous() if scale_R is not None else idx_R, out, S, D,
-                                     HAS_SCALE=scale_R is not None, BLOCK_D=min(_BLOCK_D, _pow2(D)))
+            gather_rows_kernel[(idx_R.shape[0], _cdiv(D, _BLOCK_D))](
+                x_SD.contiguous(), idx_R.contiguous(), scale_R.contiguous() if scale_R is not None else idx_R, out,
+                S, D, HAS_SCALE=scale_R is not None, BLOCK_D=_block(D))
         return out
-    valid_R = (idx_R >= 0) & (idx_R < S)
-    out = x_SD.index_select(0, idx_R.clamp(0, max(S - 1, 0))) if S else x_SD.new_zeros(idx_R.shape[0], D)
-    weight = valid_R.to(x_SD.dtype) if scale_R is None else scale_R.to(x_SD.dtype) * valid_R
-    return out * weight[:, None]
+    padded = bool(idx_R.numel()) and int(idx_R.max()) >= S
+    src = torch.cat([x_SD, x_SD.new_zeros(1, D)]) if padded else x_SD
+    out = src.index_select(0, idx_R)
+    return out if scale_R is None else out.mul_(scale_R.to(out.dtype)[:, None])
 
 
-def combine_rows(y_RD: torch.Tensor, row_TK: torch.Tensor, gates_TK: torch.Tensor | None, backend: str) -> torch.Tensor:
-    """out_TD[t] = sum_k gates_TK[t, k] * y_RD[row_TK[t, k]] (row -1 skipped; unit gates when None)."""
-    T, K = row_TK.shape
+def sum_rows_per_token(y_RD: torch.Tensor, gates_R: torch.Tensor | None, token_idx_R: torch.Tensor,
+                       row_TK: torch.Tensor | None, num_tokens: int, backend: str) -> torch.Tensor:
+    """out_TD[t] = sum over the rows r of token t of gates_R[r] * y_RD[r] (unit gates when None)."""
     D = y_RD.shape[1]
     if backend == "triton":
         from moetrain.kernels.triton_permute import combine_rows_kernel
 
-        out = y_RD.new_empty(T, D)
+        out = y_RD.new_empty(num_tokens, D)
         if out.numel():
-            grid = (T, triton_cdiv(D, _BLOCK_D))
-            combine_rows_kernel[grid](y_RD.contiguous(), row_TK.contiguous(),
-                                      gates_TK.contiguous() if gates_TK is not None else row_TK, out, K, D,
-                                      HAS_GATE=gates_TK is not None, BLOCK_D=min(_BLOCK_D, _pow2(D)))
+            combine_rows_kernel[(num_tokens, _cdiv(D, _BLOCK_D))](
+                y_RD.contiguous(), row_TK.contiguous(), gates_R.contiguous() if gates_R is not None else row_TK,
+                out, row_TK.shape[1], D, HAS_GATE=gates_R is not None, BLOCK_D=_block(D))
         return out
-    valid_TK = row_TK >= 0
-    picked_TKD = y_RD.index_select(0, row_TK.clamp(min=0).flatten()).view(T, K, D) if y_RD.shape[0] \
-        else y_RD.new_zeros(T, K, D)
-    weight_TK = valid_TK.to(y_RD.dtype) if gates_TK is None else gates_TK.to(y_RD.dtype) * valid_TK
-    return (picked_TKD * weight_TK[..., None]).sum(1)
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
+    R = y_RD.shape[0]
+    out = y_RD.new_zeros(num_tokens + 1, D)  # row T collects the padding rows
+    step = max(1, _CHUNK_BYTES // max(1, D * y_RD.element_size()))
+    buf = y_RD.new_empty(min(step, R), D) if gates_R is not None else None
+    for s in range(0, R, step):
+        n = min(step, R - s)
+        rows = y_RD[s:s + n]
+        if gates_R is not None:
+            rows = torch.mul(rows, gates_R[s:s + n].to(y_RD.dtype)[:, None], out=buf[:n])
+        out.index_add_(0, token_idx_R[s:s + n], rows)
+    return out[:num_tokens]
 
 
 # ------------------------------------------------------------------------------------------- autograd functions
@@ -93,48 +101,43 @@ def _pow2(n: int) -> int:
 class _Permute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, token_idx_R, row_TK, backend):
-        ctx.save_for_backward(row_TK)
-        ctx.backend = backend
+        ctx.save_for_backward(token_idx_R, row_TK)
+        ctx.backend, ctx.num_tokens = backend, x_TD.shape[0]
         return gather_rows(x_TD, token_idx_R, None, backend)
 
     @staticmethod
     def backward(ctx, dx_RD):
-        (row_TK,) = ctx.saved_tensors
-        return combine_rows(dx_RD.contiguous(), row_TK, None, ctx.backend), None, None, None
+        token_idx_R, row_TK = ctx.saved_tensors
+        return sum_rows_per_token(dx_RD.contiguous(), None, token_idx_R, row_TK, ctx.num_tokens, ctx.backend), \
+            None, None, None
 
 
 class _Combine(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y_RD, gates_TK, row_TK, token_idx_R, gates_R, backend):
-        ctx.save_for_backward(y_RD, row_TK, token_idx_R, gates_R)
-        ctx.backend = backend
-        return combine_rows(y_RD, row_TK, gates_TK, backend)
+    def forward(ctx, y_RD, gates_R, token_idx_R, row_TK, num_tokens, backend):
+        ctx.save_for_backward(y_RD if ctx.needs_input_grad[1] else None, gates_R, token_idx_R)
+        ctx.backend, ctx.gates_dtype = backend, gates_R.dtype
+        return sum_rows_per_token(y_RD, gates_R, token_idx_R, row_TK, num_tokens, backend)
 
     @staticmethod
     def backward(ctx, dy_TD):
-        y_RD, row_TK, token_idx_R, gates_R = ctx.saved_tensors
-        dy_TD = dy_TD.contiguous()
-        dy_RD = dgates_TK = None
-        if ctx.needs_input_grad[0]:
-            dy_RD = gather_rows(dy_TD, token_idx_R, gates_R, ctx.backend)
+        y_RD, gates_R, token_idx_R = ctx.saved_tensors
+        g_RD = gather_rows(dy_TD.contiguous(), token_idx_R, None, ctx.backend)
+        dgates = None
         if ctx.needs_input_grad[1]:
-            T, K = row_TK.shape
-            picked_TKD = gather_rows(y_RD, row_TK.flatten(), None, ctx.backend).view(T, K, -1)
-            dgates_TK = (picked_TKD.float() * dy_TD.float()[:, None, :]).sum(-1)
-        return dy_RD, dgates_TK, None, None, None, None
+            R, D = g_RD.shape
+            dgates = torch.bmm(g_RD.view(R, 1, D), y_RD.reshape(R, D, 1)).view(R).to(ctx.gates_dtype)
+        dy = g_RD.mul_(gates_R.to(g_RD.dtype)[:, None]) if ctx.needs_input_grad[0] else None
+        return dy, dgates, None, None, None, None
 
 
-def permute(x_TD: torch.Tensor, token_idx_R: torch.Tensor, row_TK: torch.Tensor, backend: str = "auto"):
-    """x_RD = x_TD[token_idx_R] (token_idx_R == T gives a zero row); see the module docstring."""
+def permute(x_TD: torch.Tensor, token_idx_R: torch.Tensor, row_TK: torch.Tensor | None = None,
+            backend: str = "auto") -> torch.Tensor:
+    """x_RD = x_TD[token_idx_R] (token_idx_R == T gives a zero row). The triton backend needs row_TK."""
     return _Permute.apply(x_TD, token_idx_R, row_TK, resolve_backend(backend, x_TD.device))
 
 
-def combine(y_RD: torch.Tensor, gates_TK: torch.Tensor, gates_R: torch.Tensor, row_TK: torch.Tensor,
-            token_idx_R: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """y_TD[t] = sum_k gates_TK[t, k] * y_RD[row_TK[t, k]]; differentiable in y_RD and gates_TK.
-
-    `gates_R` (the gate of each row, 0 for padding) and `token_idx_R` describe the same rows from the other side and
-    serve the backward pass.
-    """
-    return _Combine.apply(y_RD, gates_TK, row_TK, token_idx_R, gates_R.detach(),
-                          resolve_backend(backend, y_RD.device))
+def combine(y_RD: torch.Tensor, gates_R: torch.Tensor, token_idx_R: torch.Tensor, num_tokens: int,
+            row_TK: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """y_TD[t] = sum over the rows r of token t of gates_R[r] * y_RD[r]; differentiable in y_RD and gates_R."""
+    return _Combine.apply(y_RD, gates_R, token_idx_R, row_TK, num_tokens, resolve_backend(backend, y_RD.device))

@@ -26,7 +26,7 @@ def gather_rows_kernel(x_ptr, idx_ptr, scale_ptr, out_ptr, num_src, D,
 
 @triton.jit
 def combine_rows_kernel(y_ptr, row_ptr, gate_ptr, out_ptr, K, D, HAS_GATE: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[t, :] = sum_k gate[t, k] * y[row[t, k], :], skipping row[t, k] < 0."""
+    """out[t, :] = sum_k gate[row] * y[row, :] with row = row[t, k], skipping row < 0 (gates are per row)."""
     t = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     in_row = cols < D
@@ -35,6 +35,6 @@ def combine_rows_kernel(y_ptr, row_ptr, gate_ptr, out_ptr, K, D, HAS_GATE: tl.co
         row = tl.zeros([BLOCK_D], dtype=tl.int64) + tl.load(row_ptr + t * K + k)
         v = tl.load(y_ptr + row * D + cols, mask=in_row & (row >= 0), other=0.0).to(tl.float32)
         if HAS_GATE:
-            v = v * tl.load(gate_ptr + t * K + k).to(tl.float32)
+            v = v * tl.load(gate_ptr + row, mask=row >= 0, other=0.0).to(tl.float32)
         acc += v
     tl.store(out_ptr + t.to(tl.int64) * D + cols, acc.to(out_ptr.dtype.element_ty), mask=in_row)

@@ -127,8 +127,7 @@ class AllToAllDispatcher:
             choice_R = (copy_R + self.rank) % tab.count_E[expert_R]
             dest_R = torch.where(tab.local_E[expert_R], self.rank, tab.table_EW[expert_R, choice_R])
             order_R = torch.argsort(dest_R * E + expert_R, stable=True)
-            local = RoutingPlan(local.token_idx_R[order_R], local.gates_R[order_R], counts_E, local.num_tokens,
-                                local.num_dropped, local.padded)
+            local = local.reordered(order_R)
             dest_R, expert_R = dest_R[order_R], expert_R[order_R]
         send_counts_WE = torch.bincount(dest_R * E + expert_R, minlength=W * E).view(W, E)
         recv_counts_WE = torch.empty_like(send_counts_WE)

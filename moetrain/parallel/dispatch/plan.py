@@ -21,6 +21,8 @@ from typing import Optional
 
 import torch
 
+from moetrain.kernels import permute as kernels
+
 
 @dataclass
 class RoutingPlan:
@@ -30,10 +32,26 @@ class RoutingPlan:
     num_tokens: int  # T
     num_dropped: int  # dropped (token, k) copies
     padded: bool
+    copy_idx_R: torch.Tensor  # flat copy id t*K + k of each row; -1 for padding
+    top_k: int
 
     @property
     def num_rows(self) -> int:
         return int(self.token_idx_R.shape[0])
+
+    @property
+    def row_TK(self) -> torch.Tensor:
+        """Inverse map: the row of copy (t, k), -1 if the copy was dropped (used by the gather-only GPU kernels)."""
+        R = self.num_rows
+        row = torch.full((self.num_tokens * self.top_k,), -1, dtype=torch.long, device=self.copy_idx_R.device)
+        valid = self.copy_idx_R >= 0
+        row[self.copy_idx_R[valid]] = torch.arange(R, device=row.device)[valid]
+        return row.view(self.num_tokens, self.top_k)
+
+    def reordered(self, order_R: torch.Tensor) -> "RoutingPlan":
+        """The same plan with its rows taken in `order_R` order."""
+        return RoutingPlan(self.token_idx_R[order_R], self.gates_R[order_R], self.tokens_per_expert_E,
+                           self.num_tokens, self.num_dropped, self.padded, self.copy_idx_R[order_R], self.top_k)
 
 
 def capacity_for(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
@@ -49,7 +67,7 @@ def build_plan(topk_idx_TK: torch.Tensor, gates_TK: torch.Tensor, num_experts: i
     if capacity_factor is None:
         order_R = torch.argsort(expert_R, stable=True)
         counts_E = torch.bincount(expert_R, minlength=num_experts)
-        return RoutingPlan(order_R // K, gates_flat[order_R], counts_E, T, 0, False)
+        return RoutingPlan(order_R // K, gates_flat[order_R], counts_E, T, 0, False, order_R, K)
 
     capacity = capacity_for(T, K, num_experts, capacity_factor)
     # Sort by gate (descending), then stably by expert: inside each expert the highest gates come first.
@@ -67,7 +85,7 @@ def build_plan(topk_idx_TK: torch.Tensor, gates_TK: torch.Tensor, num_experts: i
     num_dropped = int(order_R.numel() - kept.numel())
     token_idx_R, gates_R = kept // K, gates_flat[kept]
     if not pad_to_capacity:
-        return RoutingPlan(token_idx_R, gates_R, kept_counts_E, T, num_dropped, False)
+        return RoutingPlan(token_idx_R, gates_R, kept_counts_E, T, num_dropped, False, kept, K)
 
     # Pad every expert to exactly `capacity` rows: padding rows read token T (a zero row) with gate 0.
     slot_E = torch.arange(num_experts, device=kept.device) * capacity
@@ -77,8 +95,10 @@ def build_plan(topk_idx_TK: torch.Tensor, gates_TK: torch.Tensor, num_experts: i
     padded_gates = gates_R.new_zeros(num_experts * capacity)
     padded_idx[dest_R] = token_idx_R
     padded_gates = padded_gates.index_put((dest_R,), gates_R)
+    padded_copy = torch.full((num_experts * capacity,), -1, dtype=torch.long, device=kept.device)
+    padded_copy[dest_R] = kept
     full_E = torch.full_like(counts_E, capacity)
-    return RoutingPlan(padded_idx, padded_gates, full_E, T, num_dropped, True)
+    return RoutingPlan(padded_idx, padded_gates, full_E, T, num_dropped, True, padded_copy, K)
 
 
 class _PermuteRows(torch.autograd.Function):
@@ -100,53 +120,17 @@ def permute_rows(x_RD: torch.Tensor, idx_R: torch.Tensor, inv_idx_R: torch.Tenso
     return _PermuteRows.apply(x_RD, idx_R, inv_idx_R)
 
 
-_CHUNK_BYTES = 4 << 20
-
-
-class _Unpermute(torch.autograd.Function):
-    """out_TD = index_add(zeros, token_idx_R, y_RD * gates_R[:, None]) with a fused backward:
-    g_RD = dout[token_idx_R] is gathered once, d gates = rowwise <g, y> (a batched dot, no R x D temporary) and
-    d y = g * gates in place."""
-
-    @staticmethod
-    def forward(ctx, y_RD, gates_R, token_idx_R, num_out: int):
-        gates_R1 = gates_R.to(y_RD.dtype)[:, None]
-        R, D = y_RD.shape
-        out_TD = y_RD.new_zeros(num_out, D)
-        # Weight and scatter in row chunks: the weighted temporary stays small (a full R x D one is a fresh large
-        # allocation, which glibc maps and page-faults in anew every step).
-        step = max(1, _CHUNK_BYTES // max(1, D * y_RD.element_size()))
-        buf = y_RD.new_empty(min(step, R), D)
-        for s in range(0, R, step):
-            n = min(step, R - s)
-            torch.mul(y_RD[s:s + n], gates_R1[s:s + n], out=buf[:n])
-            out_TD.index_add_(0, token_idx_R[s:s + n], buf[:n])
-        ctx.save_for_backward(y_RD if ctx.needs_input_grad[1] else None, gates_R1, token_idx_R)
-        ctx.gates_dtype = gates_R.dtype
-        return out_TD
-
-    @staticmethod
-    def backward(ctx, dout_TD):
-        y_RD, gates_R1, token_idx_R = ctx.saved_tensors
-        g_RD = dout_TD.index_select(0, token_idx_R)
-        dgates = None
-        if ctx.needs_input_grad[1]:
-            R, D = g_RD.shape
-            dgates = torch.bmm(g_RD.view(R, 1, D), y_RD.reshape(R, D, 1)).view(R).to(ctx.gates_dtype)
-        dy = g_RD.mul_(gates_R1) if ctx.needs_input_grad[0] else None
-        return dy, dgates, None, None
+def _row_TK(plan: RoutingPlan, device: torch.device) -> torch.Tensor | None:
+    return plan.row_TK if kernels.resolve_backend("auto", device) == "triton" else None
 
 
 def permute(x_TD: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
-    """x_RD = x_TD[token_idx_R] (padding rows are zeros)."""
-    if plan.padded:
-        x_TD = torch.cat([x_TD, x_TD.new_zeros(1, x_TD.shape[1])])
-    return x_TD.index_select(0, plan.token_idx_R)
+    """x_RD = x_TD[token_idx_R] (padding rows are zeros); kernels/permute.py picks the backend by device."""
+    return kernels.permute(x_TD, plan.token_idx_R, _row_TK(plan, x_TD.device))
 
 
 def unpermute(y_RD: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
     """y_TD[t] = sum over rows r of token t of gates_R[r] * y_RD[r]."""
     if hasattr(y_RD, "trigger_wait"):  # an in-flight all-to-all result (AsyncCollectiveTensor): wait for it here
         y_RD = y_RD.wait()
-    out_TD = _Unpermute.apply(y_RD, plan.gates_R, plan.token_idx_R, plan.num_tokens + int(plan.padded))
-    return out_TD[: plan.num_tokens] if plan.padded else out_TD
+    return kernels.combine(y_RD, plan.gates_R, plan.token_idx_R, plan.num_tokens, _row_TK(plan, y_RD.device))
