@@ -134,8 +134,8 @@ def run_layer(layer, x, dy, bias):
         layer.router.expert_bias_E.copy_(torch.tensor(bias))
     x = x.clone().requires_grad_()
     y = layer(x[None]).squeeze(0)
-    weights_alive = layer.experts.last_materialized() is not None if hasattr(layer.experts, "last_materialized") \
-        else None
+    ref = getattr(layer.experts, "last_materialized", None)  # None: nothing was gathered (no replicas anywhere)
+    weights_alive = None if ref is None else ref() is not None
     (y * dy).sum().backward()
     return y.detach(), x.grad, {n: p.grad.clone() for n, p in layer.named_parameters()}, weights_alive
 
@@ -149,6 +149,7 @@ def fssdp_layer_body(rank, world, E, K, tokens, bias, load, budget, remat):
     gc.collect()
     y, dx, grads, alive = run_layer(layer, x[sl], dy[sl], bias)
     return dict(y=y, dx=dx, grads=grads, owned=list(layer.experts.expert_ids), alive=alive,
+                replicas=state.placement.replicas,
                 materialized=state.placement.materialized(rank),
                 computed=layer.stats.tokens_per_local_expert_L.sum().item())
 
@@ -178,7 +179,9 @@ def test_fssdp_layer_matches_single_process(world, tokens, bias, load, budget, r
         for r in results:
             got[r["owned"]] += r["grads"][name]  # each expert is owned exactly once
         torch.testing.assert_close(got, grads[name], rtol=1e-5, atol=1e-6)
-    if remat:
+    if not Placement(tuple(tuple(p) for p in results[0]["replicas"]), world).has_replicas():
+        assert all(r["alive"] is None for r in results)  # owners only: parameters used in place, no gather
+    elif remat:
         assert all(r["alive"] is False for r in results)  # gathered weights freed after forward
     else:
         assert all(r["alive"] for r in results)

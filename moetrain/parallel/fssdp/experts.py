@@ -44,6 +44,11 @@ class ShardedExperts(GroupedExperts):
         return (mat_MX[:, :n].view(M, D, F), mat_MX[:, n:2 * n].view(M, D, F), mat_MX[:, 2 * n:].view(M, F, D))
 
     def forward(self, x_RD: torch.Tensor, tokens_per_expert_M: torch.Tensor) -> torch.Tensor:
+        if not self.state.placement.has_replicas():
+            # Every rank computes exactly the experts it owns (in id order): no collective on any rank, and the
+            # parameters are used as they are, at expert parallelism's cost.
+            self.last_materialized = None
+            return swiglu_experts(x_RD, tokens_per_expert_M, self.w1_EDF, self.w3_EDF, self.w2_EFD, self.backend)
         plan, group = self.state.gather_plan(), self.state.group
         owned_LX = self._owned_LX()
         self.state.bytes_gathered += plan.experts_sent * owned_LX.shape[1] * owned_LX.element_size()

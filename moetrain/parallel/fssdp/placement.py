@@ -51,6 +51,9 @@ class Placement:
     def num_replicas(self) -> list[int]:
         return [len(r) for r in self.replicas]
 
+    def has_replicas(self) -> bool:
+        return any(len(r) > 1 for r in self.replicas)
+
     @staticmethod
     def from_owners(owners: Sequence[int], world_size: int) -> "Placement":
         return Placement(tuple((int(o),) for o in owners), world_size)
