@@ -38,7 +38,7 @@ def test_overrides_compose_into_typed_config():
     (["parallel.mode=tp"], "parallel.mode='tp' is unknown"),
     (["trainer.resume=/nonexistent/ckpt"], "trainer.resume=/nonexistent/ckpt is not a complete checkpoint"),
     (["optim.lr=-1"], "optim.lr=-1.0 must be > 0"),
-    (["parallel.pipeline_degree=4"], "parallel.pipeline_degree=4 (chunked comm/compute overlap) is not available"),
+    (["parallel.pipeline_degree=3"], "parallel.pipeline_degree='3' is invalid; use auto, 1, 2, 4 or 8"),
     (["parallel.mode=fssdp", "parallel.data_parallel=fsdp"], "parallel.mode=fssdp keeps dense"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, needle, capsys):

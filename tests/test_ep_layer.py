@@ -18,9 +18,10 @@ from tests.distributed import run_distributed
 D, F = 8, 16
 
 
-def make_layer(E, K, ep_group=None, **router_kw):
+def make_layer(E, K, ep_group=None, degree="1", **router_kw):
     torch.manual_seed(0)
-    layer = MoELayer(D, F, E, 0, RouterConfig(top_k=K, **router_kw), layer_id=1, ep_group=ep_group)
+    layer = MoELayer(D, F, E, 0, RouterConfig(top_k=K, **router_kw), layer_id=1, ep_group=ep_group,
+                     pipeline_degree=degree)
     torch.manual_seed(1)
     layer.reset_parameters(0.3, 0.3, seed=0)
     return layer
@@ -41,9 +42,9 @@ def run_layer(layer, x, dy, bias):
     return y.detach(), x.grad, grads, layer.stats
 
 
-def ep_body(rank, world_size, ep, E, K, tokens_per_rank, bias, router_kw):
+def ep_body(rank, world_size, ep, E, K, tokens_per_rank, bias, router_kw, degree="1"):
     ctx = build_groups(ParallelContext(ep=ep))
-    layer = make_layer(E, K, ctx.ep_group, **router_kw)
+    layer = make_layer(E, K, ctx.ep_group, degree, **router_kw)
     x, dy = global_inputs(sum(tokens_per_rank), bias)
     start = sum(tokens_per_rank[:rank])
     sl = slice(start, start + tokens_per_rank[rank])
@@ -65,13 +66,20 @@ CASES = {
     "one_token_per_rank": (2, 2, 4, 2, [1, 1], None, {}),
     "capacity_drop": (2, 2, 4, 2, [8, 8], None, {"capacity_factor": 0.5}),
     "capacity_pad": (2, 2, 4, 2, [8, 8], None, {"capacity_factor": 1.0, "pad_to_capacity": True}),
+    # pipelined all-to-all: name ends with "@degree"
+    "ep2@2": (2, 2, 4, 2, [6, 6], None, {}),
+    "ep4_uneven@2": (4, 4, 8, 2, [5, 1, 0, 6], None, {}),
+    "rank_receives_nothing@2": (2, 2, 4, 1, [5, 5], [9.0, 9.0, 0.0, 0.0], {}),
+    "capacity_pad@4": (2, 2, 8, 2, [8, 8], None, {"capacity_factor": 1.0, "pad_to_capacity": True}),
+    "more_chunks_than_experts@8": (2, 2, 4, 2, [6, 6], None, {}),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_ep_layer_matches_single_process(case):
     world, ep, E, K, tokens_per_rank, bias, router_kw = CASES[case]
-    results = run_distributed(ep_body, world, ep, E, K, tokens_per_rank, bias, router_kw)
+    degree = case.split("@")[1] if "@" in case else "1"
+    results = run_distributed(ep_body, world, ep, E, K, tokens_per_rank, bias, router_kw, degree)
     ref_layer = make_layer(E, K, None, **router_kw)
     x, dy = global_inputs(sum(tokens_per_rank), bias)
     if router_kw.get("capacity_factor"):
@@ -98,7 +106,7 @@ def test_ep_layer_matches_single_process(case):
         for r in results:
             summed[r["expert_ids"]] += r["grads"][name]
         torch.testing.assert_close(summed, grads[name], rtol=1e-5, atol=1e-6)
-    if case == "rank_receives_nothing":
+    if case.startswith("rank_receives_nothing"):
         assert results[1]["received"] == 0 and results[0]["received"] > 0
     if case == "expert_nobody_picks":
         for name in ("experts.w1_EDF", "experts.w2_EFD"):

@@ -27,10 +27,11 @@ def _train_body(rank, world_size, args):
     return train_main(args)
 
 
-@pytest.mark.parametrize("world,ep", [(2, 2), (4, 4), (4, 2)], ids=["ep2", "ep4", "dp2xep2"])
-def test_ep_loss_curve_matches_single_process(tmp_path, cache_dir, reference, world, ep):
+@pytest.mark.parametrize("world,ep,degree", [(2, 2, "1"), (4, 4, "1"), (4, 2, "1"), (2, 2, "auto")],
+                         ids=["ep2", "ep4", "dp2xep2", "ep2_pipeline_auto"])
+def test_ep_loss_curve_matches_single_process(tmp_path, cache_dir, reference, world, ep, degree):
     run = tmp_path / "run"
-    args = overrides(run, cache_dir, "trainer.max_steps=20", f"parallel.ep={ep}")
+    args = overrides(run, cache_dir, "trainer.max_steps=20", f"parallel.ep={ep}", f"parallel.pipeline_degree={degree}")
     assert run_distributed(_train_body, world, args) == [0] * world
     ref, got = losses(reference), losses(run)
     assert sorted(got) == list(range(1, 21))
@@ -40,6 +41,11 @@ def test_ep_loss_curve_matches_single_process(tmp_path, cache_dir, reference, wo
     ref_rows, rows = read_metrics(reference), read_metrics(run)
     assert rows[-1]["moe/layer0/tokens_per_expert"] == ref_rows[-1]["moe/layer0/tokens_per_expert"]
     assert "moe/layer0/rank_load_max_over_mean" in rows[-1]
+    degrees = [r["moe/layer0/pipeline_degree"] for r in rows if "moe/layer0/pipeline_degree" in r]
+    if degree == "auto":  # 2 local experts: candidates 1 and 2, two trial steps each, then the choice holds
+        assert degrees[:4] == [1, 1, 2, 2] and len(set(degrees[4:])) == 1
+    else:
+        assert set(degrees) == {1}
 
 
 def _resume_from(src_run, dst_run, step):

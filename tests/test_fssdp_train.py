@@ -30,7 +30,8 @@ def _reference(tmp_path, cache_dir, *extra):
     (2, ("parallel.fssdp.budget=2", "parallel.fssdp.rematerialize=true", "parallel.fssdp.calibrate=true")),
     (4, ("parallel.fssdp.budget=1", "parallel.fssdp.reshard_every=7", "parallel.fssdp.rematerialize=true")),
     (2, ("parallel.fssdp.budget=1", "router.force_balanced=true")),
-], ids=["2ranks_reshard", "2ranks_remat_calibrated", "4ranks_reshard_remat", "2ranks_balanced"])
+    (2, ("parallel.fssdp.budget=2", "parallel.fssdp.rematerialize=true", "parallel.pipeline_degree=2")),
+], ids=["2ranks_reshard", "2ranks_remat_calibrated", "4ranks_reshard_remat", "2ranks_balanced", "2ranks_pipelined"])
 def test_fssdp_loss_curve_matches_single_process(tmp_path, cache_dir, world, extra):
     router_extra = [e for e in extra if e.startswith("router.")]
     ref = _reference(tmp_path, cache_dir, *router_extra)

@@ -101,9 +101,6 @@ def check(cfg: TrainConfig, world_size: int) -> list[str]:
          "parallel.data_parallel=fsdp supports parallel.ep=1 only for now; use parallel.data_parallel=ddp with ep > 1")
     need(par.pipeline_degree in ("auto", "1", "2", "4", "8"),
          f"parallel.pipeline_degree={par.pipeline_degree!r} is invalid; use auto, 1, 2, 4 or 8")
-    need(par.pipeline_degree not in ("auto", "2", "4", "8"),
-         f"parallel.pipeline_degree={par.pipeline_degree} (chunked comm/compute overlap) is not available in this "
-         f"version; use parallel.pipeline_degree=1")
     need(par.backend in ("auto", "gloo", "nccl"), f"parallel.backend={par.backend!r} is unknown; use auto, gloo or nccl")
     # optim
     need(o.lr > 0, f"optim.lr={o.lr} must be > 0")

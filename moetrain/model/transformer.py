@@ -33,14 +33,14 @@ def is_moe_layer(cfg: ModelConfig, i: int) -> bool:
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, router_cfg: RouterConfig, layer_id: int,
                  ep_group: Optional[dist.ProcessGroup], dp_group: Optional[dist.ProcessGroup],
-                 fssdp: Optional[FSSDPConfig] = None):
+                 fssdp: Optional[FSSDPConfig] = None, pipeline_degree: str = "1"):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         if is_moe_layer(cfg, layer_id):
             self.ffn = MoELayer(cfg.dim, cfg.moe_hidden, cfg.num_experts, cfg.num_shared_experts, router_cfg,
-                                layer_id, ep_group, dp_group, fssdp=fssdp)
+                                layer_id, ep_group, dp_group, fssdp=fssdp, pipeline_degree=pipeline_degree)
         else:
             self.ffn = SwiGLU(cfg.dim, cfg.ffn_hidden)
 
@@ -52,11 +52,11 @@ class Block(nn.Module):
 class TransformerLM(nn.Module):
     def __init__(self, cfg: ModelConfig, router_cfg: RouterConfig, ep_group: Optional[dist.ProcessGroup] = None,
                  dp_group: Optional[dist.ProcessGroup] = None, activation_checkpointing: bool = False,
-                 fssdp: Optional[FSSDPConfig] = None):
+                 fssdp: Optional[FSSDPConfig] = None, pipeline_degree: str = "1"):
         super().__init__()
         self.cfg, self.activation_checkpointing = cfg, activation_checkpointing
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg, router_cfg, i, ep_group, dp_group, fssdp)
+        self.layers = nn.ModuleList(Block(cfg, router_cfg, i, ep_group, dp_group, fssdp, pipeline_degree)
                                     for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)

@@ -12,6 +12,9 @@ how experts are split over ranks.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,8 +33,19 @@ class GroupedExperts(nn.Module):
         for p in self.parameters():
             p.expert_ids = self.expert_ids
 
+    @contextmanager
+    def materialize(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The stacked weights of the experts this rank computes (here: its own), for the duration of a forward."""
+        yield self.w1_EDF, self.w3_EDF, self.w2_EFD
+
+    def compute(self, x_RD: torch.Tensor, tokens_per_expert_L: torch.Tensor, weights, experts: slice = slice(None)):
+        """The experts `experts` (a slice of the materialized ones) on rows grouped by expert."""
+        w1, w3, w2 = (w[experts] for w in weights)
+        return swiglu_experts(x_RD, tokens_per_expert_L, w1, w3, w2, self.backend)
+
     def forward(self, x_RD: torch.Tensor, tokens_per_expert_L: torch.Tensor) -> torch.Tensor:
-        return swiglu_experts(x_RD, tokens_per_expert_L, self.w1_EDF, self.w3_EDF, self.w2_EFD, self.backend)
+        with self.materialize() as weights:
+            return self.compute(x_RD, tokens_per_expert_L, weights)
 
     @torch.no_grad()
     def reset_parameters(self, init_std: float, out_std: float, seed: int, layer_id: int) -> None:

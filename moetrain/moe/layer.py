@@ -4,7 +4,9 @@ Legend: B batch, S sequence, T = B*S tokens on this rank, D model dim, F expert 
 
     y_TD = sum_k gates_TK[t, k] * expert_{topk_idx_TK[t, k]}(x_TD[t])  +  shared(x_TD[t])
 
-The shared experts run between dispatch_comm and dispatch_postprocess, i.e. while the tokens are in flight.
+The shared experts run between dispatch_comm and dispatch_postprocess, i.e. while the tokens are in flight. With a
+pipeline degree n > 1 the all-to-all travels in n chunks (each a slice of every rank's experts): all chunks are sent
+at once, then chunk c is computed and its combine sent while the later chunks are still arriving.
 After each forward the layer keeps `aux_loss` (the sum of the configured router losses, a 0-dim tensor) and `stats`
 (routing counts of this micro-batch, detached) for the trainer and the telemetry.
 """
@@ -25,6 +27,8 @@ from moetrain.moe.experts import GroupedExperts
 from moetrain.moe.router import Router
 from moetrain.parallel.dispatch.alltoall import AllToAllDispatcher
 from moetrain.parallel.dispatch.local import LocalDispatcher
+from moetrain.parallel.pipeline import DegreeTuner, clock_start, clock_stop, elapsed_s
+
 
 
 @dataclass
@@ -40,7 +44,7 @@ class MoELayer(nn.Module):
     def __init__(self, dim: int, hidden: int, num_experts: int, num_shared: int, router_cfg: RouterConfig,
                  layer_id: int, ep_group: Optional[dist.ProcessGroup] = None,
                  dp_group: Optional[dist.ProcessGroup] = None, backend: str = "auto",
-                 fssdp: Optional[FSSDPConfig] = None):
+                 fssdp: Optional[FSSDPConfig] = None, pipeline_degree: str = "1"):
         super().__init__()
         self.layer_id, self.num_experts, self.router_cfg = layer_id, num_experts, router_cfg
         self.dp_group = dp_group  # the ranks over which the router is data parallel (for global aux-loss counts)
@@ -67,6 +71,13 @@ class MoELayer(nn.Module):
             L = self.dispatcher.num_local_experts
             self.experts = GroupedExperts(dim, hidden, list(range(ep_rank * L, (ep_rank + 1) * L)), backend)
         self.shared_experts = SwiGLU(dim, hidden * num_shared) if num_shared > 0 else None
+        # Pipelining (parallel/pipeline.py): chunks of the all-to-all overlap with expert compute; "auto" tunes.
+        self.pipeline_degree = pipeline_degree
+        communicates = isinstance(self.dispatcher, AllToAllDispatcher)
+        self.tuner = DegreeTuner(self.dispatcher.num_local_experts, ep_group) \
+            if communicates and pipeline_degree == "auto" else None
+        self._fixed_degree = int(pipeline_degree) if communicates and pipeline_degree != "auto" else 1
+        self._timings: list = []  # (start, end or None, tokens) of this step's measured forwards
         self.aux_loss: Optional[torch.Tensor] = None
         self.aux_terms: dict[str, torch.Tensor] = {}  # each configured router loss of the last forward
         self.stats: Optional[MoEStats] = None
@@ -77,20 +88,36 @@ class MoELayer(nn.Module):
         if self.shared_experts is not None:
             self.shared_experts.reset_parameters(init_std, out_std)
 
+    @property
+    def degree(self) -> int:
+        """Pipeline chunks used by this step's forwards."""
+        return self.tuner.degree if self.tuner is not None else self._fixed_degree
+
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
         routed = self.router(x_TD)
         d = self.dispatcher
-        plan = d.plan(routed.topk_idx_TK, routed.gates_TK)
-        x_RD = d.dispatch_comm(d.dispatch_preprocess(x_TD, plan), plan)
+        measure = self.tuner is not None and self.router.counting and torch.is_grad_enabled()
+        start = clock_start(x_TD.device) if measure else None
+        plan = d.plan(routed.topk_idx_TK, routed.gates_TK, self.degree)
+        x_RD = d.dispatch_preprocess(x_TD, plan)
+        in_flight = [d.dispatch_comm(x_RD, plan, c) for c in range(plan.num_chunks)]  # all chunks start moving
         shared_TD = self.shared_experts(x_TD) if self.shared_experts is not None else None
-        x_RrD, tokens_per_local_expert_L = d.dispatch_postprocess(x_RD, plan)
-        y_RrD = self.experts(x_RrD, tokens_per_local_expert_L)
-        y_RD = d.combine_comm(d.combine_preprocess(y_RrD, plan), plan)
+        outs, counts = [], []
+        with self.experts.materialize() as weights:
+            for c in range(plan.num_chunks):  # compute chunk c while later chunks arrive and earlier ones return
+                x_c, tokens_c, experts_c = d.dispatch_postprocess(in_flight[c], plan, c)
+                y_c = self.experts.compute(x_c, tokens_c, weights, experts_c)
+                outs.append(d.combine_comm(d.combine_preprocess(y_c, plan, c), plan, c))
+                counts.append(tokens_c)
+        y_RD = outs[0] if len(outs) == 1 else torch.cat(outs)
         y_TD = d.combine_postprocess(y_RD, plan).to(x_BSD.dtype)
         if shared_TD is not None:
             y_TD = y_TD + shared_TD
+        if measure:
+            self._timings.append((start, clock_stop(start), B * S))
+        tokens_per_local_expert_L = counts[0] if len(counts) == 1 else torch.cat(counts)
 
         counts_E = torch.bincount(routed.topk_idx_TK.flatten(), minlength=self.num_experts)
         with torch.no_grad():
@@ -101,6 +128,15 @@ class MoELayer(nn.Module):
         self.aux_terms = self._router_losses(routed, counts_E, B, S)
         self.aux_loss = sum(self.aux_terms.values()) if self.aux_terms else None
         return y_TD.view(B, S, D)
+
+    def end_step(self, global_tokens_per_expert_E: Optional[torch.Tensor] = None) -> None:
+        """After each optimizer step (every rank, same order): feed the step's timings to the degree tuner."""
+        if self.tuner is None:
+            return
+        for start, stop, tokens in self._timings:
+            self.tuner.record(elapsed_s(start, stop), tokens)
+        self._timings.clear()
+        self.tuner.end_step(global_tokens_per_expert_E)
 
     def _router_losses(self, routed, counts_E: torch.Tensor, B: int, S: int) -> dict[str, torch.Tensor]:
         cfg, E, K = self.router_cfg, self.num_experts, self.router_cfg.top_k

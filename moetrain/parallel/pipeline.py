@@ -18,6 +18,7 @@ shapes and the routing. Tutel's paper picks n at run time and its public code do
 
 from __future__ import annotations
 
+import time
 from typing import Optional, Sequence
 
 import torch
@@ -89,3 +90,27 @@ def _normalise(load_E: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     load = load_E.detach().double().cpu()
     total = load.sum()
     return load / total if total > 0 else None
+
+
+def clock_start(device: torch.device):
+    """A timestamp for the tuner: host time on CPU, a CUDA event on GPU (resolved after the step, no sync here)."""
+    if device.type == "cuda":
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return time.perf_counter()
+
+
+def clock_stop(start):
+    if isinstance(start, float):
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def elapsed_s(start, stop) -> float:
+    if isinstance(start, float):
+        return stop - start
+    stop.synchronize()
+    return start.elapsed_time(stop) / 1e3

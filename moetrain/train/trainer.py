@@ -49,7 +49,7 @@ class Trainer:
 
         fssdp = cfg.parallel.fssdp if cfg.parallel.mode == "fssdp" else None
         self.model = TransformerLM(cfg.model, cfg.router, ctx.ep_group, ctx.world_group,
-                                   tc.activation_checkpointing, fssdp).to(ctx.device)
+                                   tc.activation_checkpointing, fssdp, cfg.parallel.pipeline_degree).to(ctx.device)
         self.model.init_weights(tc.seed)
         self.fsdp = cfg.parallel.data_parallel == "fsdp" and ctx.is_distributed
         if self.fsdp:
@@ -144,7 +144,9 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        self.step_degrees = [layer.degree for layer in self.balance.layers]  # the degrees this step ran with
         for layer, counts_E in zip(self.balance.layers, self.counts_NE):
+            layer.end_step(counts_E)  # pipeline degree tuning
             if layer.fssdp_state is not None:  # next placement (and periodic re-sharding) from this step's load
                 layer.fssdp_state.after_step(self.step, counts_E, list(layer.experts.parameters()), self.optimizer)
         times["grad_sync"], times["optimizer"] = t1 - t0, self._now() - t1
@@ -190,6 +192,7 @@ class Trainer:
                 dropped_frac=compute["dropped_frac"][i] if m.router_cfg.capacity_factor else None,
                 rank_loads=compute["rank_loads"][i]))
             metrics[f"moe/layer{m.layer_id}/entropy"] = compute["entropy"][i]
+            metrics[f"moe/layer{m.layer_id}/pipeline_degree"] = self.step_degrees[i]
         metrics.update(self.window.summary())
         for m in self.balance.layers:
             if m.fssdp_state is not None:

@@ -11,6 +11,7 @@ so the tokens of a replicated expert spread evenly over its replicas. Rows are o
     counts_WE = all_to_all(send_counts_WE)             # rows each source sends me, per expert
     send_splits_W = send_counts_WE.sum(1);  recv_splits_W = counts_WE.sum(1)
     tokens_per_local_expert_M = counts_WE[:, materialized].sum(0)
+(per pipeline chunk, restricted to the chunk's experts: see `plan`).
 Arriving rows are ordered (source, expert); `regroup_idx_Rr` reorders them to (expert, source) for the grouped GEMM and
 its inverse restores the order for the combine. Zero-size splits (a rank that sends or receives nothing, an expert
 nobody picks) are ordinary. The token all-to-all is torch's functional collective: autograd-aware (its backward is the
@@ -46,18 +47,40 @@ class StaticPlacement:
 
 
 @dataclass
-class AllToAllPlan:
-    local: RoutingPlan
-    placement: Placement
+class ChunkPlan:
+    """One pipeline chunk: a contiguous range of every destination's local experts, sent as one all-to-all."""
+
+    rows: slice  # this chunk's rows in the send buffer
     send_splits: list[int]
     recv_splits: list[int]
     regroup_idx_Rr: torch.Tensor  # arrival order -> (expert, source) order
     restore_idx_Rr: torch.Tensor  # inverse permutation
-    tokens_per_local_expert_L: torch.Tensor  # rows per materialized expert, in increasing expert id
+    experts: slice  # this chunk's slice of the experts computed here (materialized, in id order)
+    tokens_per_local_expert_L: torch.Tensor  # rows per expert of that slice
+
+
+@dataclass
+class AllToAllPlan:
+    local: RoutingPlan  # rows in (chunk, destination, expert) order
+    placement: Placement
+    chunks: list[ChunkPlan]
 
     @property
     def num_dropped(self) -> int:
         return self.local.num_dropped
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.chunks)
+
+    @property
+    def send_splits(self) -> list[int]:
+        """Rows sent to each rank over all chunks."""
+        return [sum(c.send_splits[w] for c in self.chunks) for w in range(len(self.chunks[0].send_splits))]
+
+    @property
+    def tokens_per_local_expert_L(self) -> torch.Tensor:
+        return torch.cat([c.tokens_per_local_expert_L for c in self.chunks])
 
 
 def regroup_index(counts_WL: torch.Tensor) -> torch.Tensor:
@@ -87,6 +110,13 @@ class _PlacementTables:
         self.table_EW = table.to(device)
         self.local_E = torch.tensor([rank in r for r in reps], dtype=torch.bool, device=device)
         self.materialized = torch.tensor(placement.materialized(rank), dtype=torch.long, device=device)
+        # slot_WE[w, e]: position of e among the experts rank w computes (id order), -1 if w does not compute e.
+        slot = torch.full((W, E), -1, dtype=torch.long)
+        for w in range(W):
+            mine = placement.materialized(w)
+            slot[w, mine] = torch.arange(len(mine))
+        self.slot_WE = slot.to(device)
+        self.num_materialized_W = (slot >= 0).sum(1).to(device)
 
 
 class AllToAllDispatcher:
@@ -111,7 +141,10 @@ class AllToAllDispatcher:
             self._tables = (placement, _PlacementTables(placement, self.rank, device))
         return self._tables[1]
 
-    def plan(self, topk_idx_TK: torch.Tensor, gates_TK: torch.Tensor) -> AllToAllPlan:
+    def plan(self, topk_idx_TK: torch.Tensor, gates_TK: torch.Tensor, num_chunks: int = 1) -> AllToAllPlan:
+        """Route, assign destinations, exchange counts. With num_chunks n > 1 every destination's experts are split
+        into n contiguous slot ranges (chunk of slot s among M experts: s * n // M), rows are ordered
+        (chunk, destination, expert) and each chunk travels as its own all-to-all (see parallel/pipeline.py)."""
         E, W = self.num_experts, self.world
         local = build_plan(topk_idx_TK, gates_TK, E, self.capacity_factor, self.pad_to_capacity)
         placement = self.source.placement_for(local.tokens_per_expert_E)
@@ -126,40 +159,52 @@ class AllToAllDispatcher:
             copy_R = torch.arange(local.num_rows, device=counts_E.device) - starts_E[expert_R]
             choice_R = (copy_R + self.rank) % tab.count_E[expert_R]
             dest_R = torch.where(tab.local_E[expert_R], self.rank, tab.table_EW[expert_R, choice_R])
-            order_R = torch.argsort(dest_R * E + expert_R, stable=True)
+        chunk_WE = torch.where(tab.slot_WE >= 0, tab.slot_WE * num_chunks // tab.num_materialized_W.clamp(min=1)[:, None],
+                               torch.zeros_like(tab.slot_WE))
+        if num_chunks > 1 or not tab.contiguous:
+            key_R = (chunk_WE[dest_R, expert_R] * W + dest_R) * E + expert_R
+            order_R = torch.argsort(key_R, stable=True)
             local = local.reordered(order_R)
             dest_R, expert_R = dest_R[order_R], expert_R[order_R]
         send_counts_WE = torch.bincount(dest_R * E + expert_R, minlength=W * E).view(W, E)
         recv_counts_WE = torch.empty_like(send_counts_WE)
         dist.all_to_all_single(recv_counts_WE, send_counts_WE, group=self.group)
         recv_counts_WM = recv_counts_WE.index_select(1, tab.materialized)
-        regroup = regroup_index(recv_counts_WM)
-        return AllToAllPlan(
-            local=local,
-            placement=placement,
-            send_splits=send_counts_WE.sum(1).tolist(),
-            recv_splits=recv_counts_WE.sum(1).tolist(),
-            regroup_idx_Rr=regroup,
-            restore_idx_Rr=torch.argsort(regroup),
-            tokens_per_local_expert_L=recv_counts_WM.sum(0),
-        )
+        M = recv_counts_WM.shape[1]
+        chunks, row = [], 0
+        for j in range(num_chunks):
+            in_chunk_WE = chunk_WE == j
+            send_splits = (send_counts_WE * in_chunk_WE).sum(1).tolist()
+            lo, hi = -(-j * M // num_chunks), -(-(j + 1) * M // num_chunks)  # slots s with s * n // M == j
+            counts_Wm = recv_counts_WM[:, lo:hi]
+            regroup = regroup_index(counts_Wm)
+            chunks.append(ChunkPlan(slice(row, row + sum(send_splits)), send_splits, counts_Wm.sum(1).tolist(),
+                                    regroup, torch.argsort(regroup), slice(lo, hi), counts_Wm.sum(0)))
+            row += sum(send_splits)
+        return AllToAllPlan(local=local, placement=placement, chunks=chunks)
 
     def dispatch_preprocess(self, x_TD, plan: AllToAllPlan):
         return permute(x_TD, plan.local)
 
-    def dispatch_comm(self, x_RD, plan: AllToAllPlan):
-        return all_to_all_single_autograd(x_RD.contiguous(), plan.recv_splits, plan.send_splits, self.group)
+    def dispatch_comm(self, x_RD, plan: AllToAllPlan, chunk: int = 0):
+        c = plan.chunks[chunk]
+        return all_to_all_single_autograd(x_RD[c.rows].contiguous(), c.recv_splits, c.send_splits, self.group)
 
-    def dispatch_postprocess(self, x_RrD, plan: AllToAllPlan):
+    def dispatch_postprocess(self, x_RrD, plan: AllToAllPlan, chunk: int = 0):
+        """Wait for the chunk, regroup it by expert. Returns (rows, tokens per expert, slice of local experts)."""
+        c = plan.chunks[chunk]
         if hasattr(x_RrD, "trigger_wait"):  # the in-flight all-to-all result: wait for it here
             x_RrD = x_RrD.wait()
-        return permute_rows(x_RrD, plan.regroup_idx_Rr, plan.restore_idx_Rr), plan.tokens_per_local_expert_L
+        return permute_rows(x_RrD, c.regroup_idx_Rr, c.restore_idx_Rr), c.tokens_per_local_expert_L, c.experts
 
-    def combine_preprocess(self, y_RrD, plan: AllToAllPlan):
-        return permute_rows(y_RrD, plan.restore_idx_Rr, plan.regroup_idx_Rr)
+    def combine_preprocess(self, y_RrD, plan: AllToAllPlan, chunk: int = 0):
+        c = plan.chunks[chunk]
+        return permute_rows(y_RrD, c.restore_idx_Rr, c.regroup_idx_Rr)
 
-    def combine_comm(self, y_RrD, plan: AllToAllPlan):
-        return all_to_all_single_autograd(y_RrD.contiguous(), plan.send_splits, plan.recv_splits, self.group)
+    def combine_comm(self, y_RrD, plan: AllToAllPlan, chunk: int = 0):
+        c = plan.chunks[chunk]
+        return all_to_all_single_autograd(y_RrD.contiguous(), c.send_splits, c.recv_splits, self.group)
 
     def combine_postprocess(self, y_RD, plan: AllToAllPlan):
+        """y_RD: the combine results of all chunks, concatenated in chunk order (= the send order)."""
         return unpermute(y_RD, plan.local)

@@ -12,22 +12,23 @@ class LocalDispatcher:
         self.num_experts = self.num_local_experts = num_experts
         self.capacity_factor, self.pad_to_capacity = capacity_factor, pad_to_capacity
 
-    def plan(self, topk_idx_TK: torch.Tensor, gates_TK: torch.Tensor) -> RoutingPlan:
+    def plan(self, topk_idx_TK: torch.Tensor, gates_TK: torch.Tensor, num_chunks: int = 1) -> RoutingPlan:
+        """Nothing to overlap without communication: always one chunk."""
         return build_plan(topk_idx_TK, gates_TK, self.num_experts, self.capacity_factor, self.pad_to_capacity)
 
     def dispatch_preprocess(self, x_TD, plan):
         return permute(x_TD, plan)
 
-    def dispatch_comm(self, x_RD, plan):
+    def dispatch_comm(self, x_RD, plan, chunk: int = 0):
         return x_RD
 
-    def dispatch_postprocess(self, x_RD, plan):
-        return x_RD, plan.tokens_per_expert_E
+    def dispatch_postprocess(self, x_RD, plan, chunk: int = 0):
+        return x_RD, plan.tokens_per_expert_E, slice(None)
 
-    def combine_preprocess(self, y_RD, plan):
+    def combine_preprocess(self, y_RD, plan, chunk: int = 0):
         return y_RD
 
-    def combine_comm(self, y_RD, plan):
+    def combine_comm(self, y_RD, plan, chunk: int = 0):
         return y_RD
 
     def combine_postprocess(self, y_RD, plan):

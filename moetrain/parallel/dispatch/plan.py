@@ -40,6 +40,10 @@ class RoutingPlan:
         return int(self.token_idx_R.shape[0])
 
     @property
+    def num_chunks(self) -> int:
+        return 1
+
+    @property
     def row_TK(self) -> torch.Tensor:
         """Inverse map: the row of copy (t, k), -1 if the copy was dropped (used by the gather-only GPU kernels)."""
         R = self.num_rows

@@ -15,11 +15,13 @@ the replicas between forward and backward.
 from __future__ import annotations
 
 import weakref
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 from torch.autograd.graph import saved_tensors_hooks
 
-from moetrain.moe.experts import GroupedExperts, swiglu_experts
+from moetrain.moe.experts import GroupedExperts
 from moetrain.parallel.fssdp.collectives import SparseAllGather, sparse_all_gather
 from moetrain.parallel.fssdp.state import FSSDPLayerState
 
@@ -43,12 +45,17 @@ class ShardedExperts(GroupedExperts):
         n = D * F
         return (mat_MX[:, :n].view(M, D, F), mat_MX[:, n:2 * n].view(M, D, F), mat_MX[:, 2 * n:].view(M, F, D))
 
-    def forward(self, x_RD: torch.Tensor, tokens_per_expert_M: torch.Tensor) -> torch.Tensor:
+    @contextmanager
+    def materialize(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Gather the step's replicas (spAG; backward: spRS) and yield the stacked weights of every expert this rank
+        computes, in id order. With re-materialization, saved-tensor hooks active inside the block keep only markers
+        for the gathered weights and gather them again when backward first needs them."""
         if not self.state.placement.has_replicas():
             # Every rank computes exactly the experts it owns (in id order): no collective on any rank, and the
             # parameters are used as they are, at expert parallelism's cost.
             self.last_materialized = None
-            return swiglu_experts(x_RD, tokens_per_expert_M, self.w1_EDF, self.w3_EDF, self.w2_EFD, self.backend)
+            yield self.w1_EDF, self.w3_EDF, self.w2_EFD
+            return
         plan, group = self.state.gather_plan(), self.state.group
         owned_LX = self._owned_LX()
         self.state.bytes_gathered += plan.experts_sent * owned_LX.shape[1] * owned_LX.element_size()
@@ -57,7 +64,8 @@ class ShardedExperts(GroupedExperts):
         mat_MX = SparseAllGather.apply(owned_LX, plan, group, cache.clear if remat else None)
         self.last_materialized = weakref.ref(mat_MX)
         if not remat:
-            return swiglu_experts(x_RD, tokens_per_expert_M, *self._split(mat_MX), self.backend)
+            yield self._split(mat_MX)
+            return
 
         storage = mat_MX.untyped_storage().data_ptr()
 
@@ -77,4 +85,4 @@ class ShardedExperts(GroupedExperts):
             return cache["weights"].as_strided(shape, stride, offset)
 
         with saved_tensors_hooks(pack, unpack):
-            return swiglu_experts(x_RD, tokens_per_expert_M, *self._split(mat_MX), self.backend)
+            yield self._split(mat_MX)
