@@ -6,9 +6,10 @@ Legend: R routed rows (grouped by expert, contiguous), E groups (experts), D in 
 
 Backward:  dx_RD = grouped(dy_RF, w_EDF^T),   dw_EDF[e] = x_e^T @ dy_e   (zeros for an empty group).
 
-Two backends share one autograd function: `torch._grouped_mm` (CPU fp32/bf16 in torch >= 2.8, and CUDA bf16 on
-sm90+), and a loop of `torch.mm` per group writing into slices of one output (any device/dtype, and the reference the
-tests compare against). `auto` takes `torch._grouped_mm` on CUDA and the loop on CPU: on CPU (torch 2.13, fp32, one
+Three backends share one autograd function: `torch._grouped_mm` (CPU fp32/bf16 in torch >= 2.8, and CUDA bf16 on
+sm90+), the Triton kernels of triton_grouped_gemm.py (CUDA where _grouped_mm does not apply: fp32, older GPUs), and a
+loop of `torch.mm` per group writing into slices of one output (any device/dtype, and the reference the tests
+compare against). `auto` takes `torch._grouped_mm` on CUDA and the loop on CPU: on CPU (torch 2.13, fp32, one
 thread) both run every GEMM of the expert forward and backward at the same rate, within 1-2%, from 8 to 2048 rows per
 group (bench/README.md), and the loop also takes strided operands and outputs without copies. `torch._grouped_mm`
 needs 16-byte aligned strides; shapes that are not fall back to the loop. The explicit backward also sidesteps a
@@ -40,22 +41,81 @@ def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     return False
 
 
-def _use_grouped_mm(backend: str, x: torch.Tensor, w: torch.Tensor) -> bool:
-    if x.shape[0] == 0:
+BACKENDS = ("auto", "grouped_mm", "triton", "loop")
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # noqa: BLE001 - triton is optional
         return False
-    if backend == "grouped_mm":
-        return True
-    return backend == "auto" and x.device.type == "cuda" and grouped_mm_supported(x, w)
+    return True
+
+
+def _choose_impl(backend: str, x: torch.Tensor, w: torch.Tensor) -> str:
+    """grouped_mm | triton | loop. auto: torch._grouped_mm where CUDA supports it, else the Triton kernels on CUDA,
+    else the loop (CPU: same speed as _grouped_mm, see above)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown grouped GEMM backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    if x.shape[0] == 0:
+        return "loop"
+    if backend != "auto":
+        return backend
+    if x.device.type == "cuda":
+        if grouped_mm_supported(x, w):
+            return "grouped_mm"
+        if _triton_available():
+            return "triton"
+    return "loop"
+
+
+def _pow2_block(n: int, cap: int = 64) -> int:
+    return max(16, min(cap, 1 << max(0, (n - 1).bit_length())))
+
+
+def _triton_forward(x_RD: torch.Tensor, w_EDF: torch.Tensor, counts: list[int], offs_E: torch.Tensor) -> torch.Tensor:
+    from moetrain.kernels.triton_grouped_gemm import grouped_mm_kernel
+
+    x_RD = x_RD.contiguous()
+    R, Kd = x_RD.shape
+    N = w_EDF.shape[-1]
+    BM, BN, BK = _pow2_block(max(counts)), _pow2_block(N), _pow2_block(Kd)
+    tile_expert, tile_row, start = [], [], 0
+    for e, n in enumerate(counts):  # one tile per BM rows of each expert: empty experts get none
+        tile_expert += [e] * -(-n // BM)
+        tile_row += list(range(start, start + n, BM))
+        start += n
+    y_RN = x_RD.new_empty(R, N)
+    device = x_RD.device
+    grouped_mm_kernel[(len(tile_expert), -(-N // BN))](
+        x_RD, w_EDF, y_RN, torch.tensor(tile_expert, device=device), torch.tensor(tile_row, device=device),
+        offs_E.to(device=device, dtype=torch.int64), Kd, N, x_RD.stride(0), w_EDF.stride(0), w_EDF.stride(1),
+        w_EDF.stride(2), y_RN.stride(0), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
+    return y_RN
+
+
+def _triton_weight_grad(x_RD: torch.Tensor, dy_RN: torch.Tensor, counts: list[int], offs_E) -> torch.Tensor:
+    from moetrain.kernels.triton_grouped_gemm import grouped_wgrad_kernel
+
+    x_RD, dy_RN = x_RD.contiguous(), dy_RN.contiguous()
+    Kd, N = x_RD.shape[1], dy_RN.shape[1]
+    BM, BN, BK = _pow2_block(max(counts)), _pow2_block(N), _pow2_block(Kd)
+    dw = dy_RN.new_empty(len(counts), Kd, N)
+    grouped_wgrad_kernel[(len(counts), -(-Kd // BK), -(-N // BN))](
+        x_RD, dy_RN, dw, offs_E.to(device=x_RD.device, dtype=torch.int64), Kd, N, x_RD.stride(0), dy_RN.stride(0),
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
+    return dw
 
 
 def _offsets(tokens_per_group_E: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(tokens_per_group_E, 0).to(torch.int32)
 
 
-def _forward(x_RD, w_EDF, counts: list[int], offs_E, use_gmm: bool, accumulate_into=None, out=None) -> torch.Tensor:
+def _forward(x_RD, w_EDF, counts: list[int], offs_E, impl: str, accumulate_into=None, out=None) -> torch.Tensor:
     """out_RF = grouped(x_RD, w_EDF), into `out` if given; with accumulate_into, += in place (and returned)."""
-    if use_gmm:
-        y_RF = torch._grouped_mm(x_RD, w_EDF, offs=offs_E)
+    if impl in ("grouped_mm", "triton"):
+        y_RF = torch._grouped_mm(x_RD, w_EDF, offs=offs_E) if impl == "grouped_mm" \
+            else _triton_forward(x_RD, w_EDF, counts, offs_E)
         return y_RF if accumulate_into is None else accumulate_into.add_(y_RF)
     if accumulate_into is not None:
         out_RF = accumulate_into
@@ -72,10 +132,12 @@ def _forward(x_RD, w_EDF, counts: list[int], offs_E, use_gmm: bool, accumulate_i
     return out_RF
 
 
-def _weight_grad(x_RD, dy_RF, counts: list[int], offs_E, use_gmm: bool) -> torch.Tensor:
+def _weight_grad(x_RD, dy_RF, counts: list[int], offs_E, impl: str) -> torch.Tensor:
     """dw_EDF[e] = x_e^T @ dy_e."""
-    if use_gmm:
+    if impl == "grouped_mm":
         return torch._grouped_mm(x_RD.t(), dy_RF, offs=offs_E)
+    if impl == "triton":
+        return _triton_weight_grad(x_RD, dy_RF, counts, offs_E)
     dw_EDF = dy_RF.new_zeros(len(counts), x_RD.shape[1], dy_RF.shape[1])
     start = 0
     for e, n in enumerate(counts):
@@ -90,10 +152,10 @@ class _GroupedMM(torch.autograd.Function):
     def forward(ctx, x_RD, w_EDF, tokens_per_group_E, backend):
         counts = tokens_per_group_E.tolist()
         offs_E = _offsets(tokens_per_group_E)
-        use_gmm = _use_grouped_mm(backend, x_RD, w_EDF)
+        impl = _choose_impl(backend, x_RD, w_EDF)
         ctx.save_for_backward(x_RD, w_EDF, offs_E)
-        ctx.counts, ctx.use_gmm = counts, use_gmm
-        return _forward(x_RD, w_EDF, counts, offs_E, use_gmm)
+        ctx.counts, ctx.impl = counts, impl
+        return _forward(x_RD, w_EDF, counts, offs_E, impl)
 
     @staticmethod
     def backward(ctx, dy_RF):
@@ -101,20 +163,18 @@ class _GroupedMM(torch.autograd.Function):
         dy_RF = dy_RF.contiguous()
         dx_RD = dw_EDF = None
         if ctx.needs_input_grad[0]:
-            dx_RD = _forward(dy_RF, w_EDF.transpose(-2, -1), ctx.counts, offs_E, ctx.use_gmm)
+            dx_RD = _forward(dy_RF, w_EDF.transpose(-2, -1), ctx.counts, offs_E, ctx.impl)
         if ctx.needs_input_grad[1]:
-            dw_EDF = _weight_grad(x_RD, dy_RF, ctx.counts, offs_E, ctx.use_gmm)
+            dw_EDF = _weight_grad(x_RD, dy_RF, ctx.counts, offs_E, ctx.impl)
         return dx_RD, dw_EDF, None, None
 
 
 def grouped_mm(x_RD: torch.Tensor, w_EDF: torch.Tensor, tokens_per_group_E: torch.Tensor,
                backend: str = "auto") -> torch.Tensor:
-    """y_RF = per-group x @ w (see module docstring). backend: auto | grouped_mm | loop.
+    """y_RF = per-group x @ w (see module docstring). backend: auto | grouped_mm | triton | loop.
 
     `tokens_per_group_E` must sum to R; a group may be empty (its weight gradient is zero).
     """
-    if backend not in ("auto", "grouped_mm", "loop"):
-        raise ValueError(f"unknown grouped GEMM backend {backend!r}; use auto, grouped_mm or loop")
     w_EDF = w_EDF.to(x_RD.dtype)
     return _GroupedMM.apply(x_RD, w_EDF, tokens_per_group_E, backend)
 
@@ -126,19 +186,19 @@ class _GroupedSwiGLU(torch.autograd.Function):
     def forward(ctx, x_RD, w1_EDF, w3_EDF, w2_EFD, tokens_per_group_E, backend):
         counts = tokens_per_group_E.tolist()
         offs_E = _offsets(tokens_per_group_E)
-        use_gmm = _use_grouped_mm(backend, x_RD, w1_EDF)
-        h1_RF = _forward(x_RD, w1_EDF, counts, offs_E, use_gmm)
-        h3_RF = _forward(x_RD, w3_EDF, counts, offs_E, use_gmm)
+        impl = _choose_impl(backend, x_RD, w1_EDF)
+        h1_RF = _forward(x_RD, w1_EDF, counts, offs_E, impl)
+        h3_RF = _forward(x_RD, w3_EDF, counts, offs_E, impl)
         h_RF = torch.nn.functional.silu(h1_RF).mul_(h3_RF)
-        y_RD = _forward(h_RF, w2_EFD, counts, offs_E, use_gmm)
+        y_RD = _forward(h_RF, w2_EFD, counts, offs_E, impl)
         ctx.save_for_backward(x_RD, w1_EDF, w3_EDF, w2_EFD, h1_RF, h3_RF, offs_E)
-        ctx.counts, ctx.use_gmm = counts, use_gmm
+        ctx.counts, ctx.impl = counts, impl
         return y_RD
 
     @staticmethod
     def backward(ctx, dy_RD):
         x_RD, w1_EDF, w3_EDF, w2_EFD, h1_RF, h3_RF, offs_E = ctx.saved_tensors
-        counts, use_gmm = ctx.counts, ctx.use_gmm
+        counts, impl = ctx.counts, ctx.impl
         need_x, need_w1, need_w3, need_w2 = ctx.needs_input_grad[:4]
         dy_RD = dy_RD.contiguous()
         # Backward temporaries are reused in place: 3 R x F buffers (s, h -> dh, dh*h3 -> dh1) besides dx.
@@ -147,28 +207,26 @@ class _GroupedSwiGLU(torch.autograd.Function):
         dw2 = None
         if need_w2:
             buf_RF = torch.mul(s_RF, h3_RF)  # h = silu(h1) * h3, recomputed
-            dw2 = _weight_grad(buf_RF, dy_RD, counts, offs_E, use_gmm)
+            dw2 = _weight_grad(buf_RF, dy_RD, counts, offs_E, impl)
         dx = dw1 = dw3 = None
         if need_x or need_w1 or need_w3:
-            dh_RF = _forward(dy_RD, w2_EFD.transpose(-2, -1), counts, offs_E, use_gmm, out=buf_RF)
+            dh_RF = _forward(dy_RD, w2_EFD.transpose(-2, -1), counts, offs_E, impl, out=buf_RF)
             dh1_RF = torch.mul(dh_RF, h3_RF)
             torch.ops.aten.silu_backward.grad_input(dh1_RF, h1_RF, grad_input=dh1_RF)  # d/dh1 of silu(h1) * h3
             dh3_RF = dh_RF.mul_(s_RF)  # d/dh3 = dh * silu(h1), in place of dh
             del s_RF
             if need_w1:
-                dw1 = _weight_grad(x_RD, dh1_RF, counts, offs_E, use_gmm)
+                dw1 = _weight_grad(x_RD, dh1_RF, counts, offs_E, impl)
             if need_w3:
-                dw3 = _weight_grad(x_RD, dh3_RF, counts, offs_E, use_gmm)
+                dw3 = _weight_grad(x_RD, dh3_RF, counts, offs_E, impl)
             if need_x:
-                dx = _forward(dh1_RF, w1_EDF.transpose(-2, -1), counts, offs_E, use_gmm)
-                dx = _forward(dh3_RF, w3_EDF.transpose(-2, -1), counts, offs_E, use_gmm, accumulate_into=dx)
+                dx = _forward(dh1_RF, w1_EDF.transpose(-2, -1), counts, offs_E, impl)
+                dx = _forward(dh3_RF, w3_EDF.transpose(-2, -1), counts, offs_E, impl, accumulate_into=dx)
         return dx, dw1, dw3, dw2, None, None
 
 
 def grouped_swiglu(x_RD: torch.Tensor, w1_EDF: torch.Tensor, w3_EDF: torch.Tensor, w2_EFD: torch.Tensor,
                    tokens_per_group_E: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """y_RD = per-group silu(x @ w1) * (x @ w3) @ w2 (rows grouped by expert; see module docstring)."""
-    if backend not in ("auto", "grouped_mm", "loop"):
-        raise ValueError(f"unknown grouped GEMM backend {backend!r}; use auto, grouped_mm or loop")
     dt = x_RD.dtype
     return _GroupedSwiGLU.apply(x_RD, w1_EDF.to(dt), w3_EDF.to(dt), w2_EFD.to(dt), tokens_per_group_E, backend)

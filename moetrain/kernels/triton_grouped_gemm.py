@@ -36,7 +36,7 @@ def grouped_mm_kernel(x_ptr, w_ptr, y_ptr, tile_expert_ptr, tile_row_ptr, offs_p
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w_ptr + e.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc += tl.dot(a.to(tl.float32), b.to(tl.float32))
+        acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     tl.store(y_ptr + rows[:, None].to(tl.int64) * stride_yr + cols[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
@@ -59,6 +59,6 @@ def grouped_wgrad_kernel(x_ptr, dy_ptr, dw_ptr, offs_ptr, Kd, N, stride_xr, stri
                      mask=k_ok[:, None] & row_ok[None, :], other=0.0)
         g = tl.load(dy_ptr + rows[:, None].to(tl.int64) * stride_dyr + cols[None, :],
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        acc += tl.dot(xt.to(tl.float32), g.to(tl.float32))
+        acc += tl.dot(xt.to(tl.float32), g.to(tl.float32), input_precision="ieee")
     tl.store(dw_ptr + e.to(tl.int64) * Kd * N + ks[:, None] * N + cols[None, :], acc.to(dw_ptr.dtype.element_ty),
              mask=k_ok[:, None] & col_ok[None, :])
