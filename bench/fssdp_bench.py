@@ -26,13 +26,13 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from moetrain.config.schema import FSSDPConfig, RouterConfig  # noqa: E402
 from moetrain.moe.layer import MoELayer  # noqa: E402
 from moetrain.moe.router import RouterOutput  # noqa: E402
+from moetrain.utils.local_ranks import run_distributed  # noqa: E402
 
 
 def zipf_topk(T: int, E: int, K: int, s: float, seed: int) -> torch.Tensor:
@@ -136,19 +136,13 @@ class Mode:
                 "expert_mem_bytes": mem, "replicas": replicas}
 
 
-def worker(rank, world, port, args, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        modes = {"ep": Mode(rank, world, args, fssdp=False), "fssdp": Mode(rank, world, args, fssdp=True)}
-        for i in range(args.warmup + args.iters):
-            order = ("ep", "fssdp") if i % 2 == 0 else ("fssdp", "ep")  # interleaved: drift hits both alike
-            for name in order:
-                modes[name].step(i, measure=i >= args.warmup)
-        queue.put((rank, {name: m.summary() for name, m in modes.items()}))
-    finally:
-        dist.destroy_process_group()
+def worker(rank, world, args):
+    modes = {"ep": Mode(rank, world, args, fssdp=False), "fssdp": Mode(rank, world, args, fssdp=True)}
+    for i in range(args.warmup + args.iters):
+        order = ("ep", "fssdp") if i % 2 == 0 else ("fssdp", "ep")  # interleaved: drift hits both alike
+        for name in order:
+            modes[name].step(i, measure=i >= args.warmup)
+    return {name: m.summary() for name, m in modes.items()}
 
 
 def main(argv=None) -> int:
@@ -169,19 +163,7 @@ def main(argv=None) -> int:
     if args.experts % args.world:
         p.error(f"--experts {args.experts} must be a multiple of --world {args.world}")
 
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=worker, args=(r, args.world, port, args, queue)) for r in range(args.world)]
-    for proc in procs:
-        proc.start()
-    results = dict(queue.get(timeout=1800) for _ in procs)
-    for proc in procs:
-        proc.join()
+    results = run_distributed(worker, args.world, args, timeout=1800)  # one thread per rank, gloo
 
     summary = {"args": vars(args)}
     print(f"W={args.world} E={args.experts} K={args.top_k} D={args.dim} F={args.hidden} T={args.tokens}/rank "

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -22,12 +21,12 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from moetrain.config.schema import RouterConfig  # noqa: E402
 from moetrain.moe.layer import MoELayer  # noqa: E402
+from moetrain.utils.local_ranks import run_distributed  # noqa: E402
 
 NETNS = "moetrain-bench"
 
@@ -47,49 +46,32 @@ def time_degree(layer: MoELayer, x, dy, iters: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def worker(rank, world, port, args, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        g = torch.Generator().manual_seed(rank)
-        x = torch.randn(args.tokens, args.dim, generator=g)
-        dy = torch.randn(args.tokens, args.dim, generator=g)
-        results = {}
-        L = args.experts // world
-        for degree in [d for d in (1, 2, 4, 8) if d <= L]:
-            torch.manual_seed(0)
-            layer = MoELayer(args.dim, args.hidden, args.experts, 0, RouterConfig(top_k=args.top_k, force_balanced=True),
-                             layer_id=1, ep_group=dist.group.WORLD, pipeline_degree=str(degree))
-            layer.reset_parameters(0.02, 0.02, seed=0)
-            results[degree] = time_degree(layer, x, dy, args.iters, args.warmup)
-        # What auto picks: the trial phase run as training would (one forward+backward per step).
+def worker(rank, world, args):
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(args.tokens, args.dim, generator=g)
+    dy = torch.randn(args.tokens, args.dim, generator=g)
+    results = {}
+    L = args.experts // world
+    for degree in [d for d in (1, 2, 4, 8) if d <= L]:
         torch.manual_seed(0)
         layer = MoELayer(args.dim, args.hidden, args.experts, 0, RouterConfig(top_k=args.top_k, force_balanced=True),
-                         layer_id=1, ep_group=dist.group.WORLD, pipeline_degree="auto")
+                         layer_id=1, ep_group=dist.group.WORLD, pipeline_degree=str(degree))
         layer.reset_parameters(0.02, 0.02, seed=0)
-        while layer.tuner.chosen is None:
-            layer(x.clone().requires_grad_()[None]).backward(dy[None])
-            layer.zero_grad(set_to_none=True)
-            layer.end_step()
-        queue.put((rank, {"times": results, "auto": layer.tuner.chosen}))
-    finally:
-        dist.destroy_process_group()
+        results[degree] = time_degree(layer, x, dy, args.iters, args.warmup)
+    # What auto picks: the trial phase run as training would (one forward+backward per step).
+    torch.manual_seed(0)
+    layer = MoELayer(args.dim, args.hidden, args.experts, 0, RouterConfig(top_k=args.top_k, force_balanced=True),
+                     layer_id=1, ep_group=dist.group.WORLD, pipeline_degree="auto")
+    layer.reset_parameters(0.02, 0.02, seed=0)
+    while layer.tuner.chosen is None:
+        layer(x.clone().requires_grad_()[None]).backward(dy[None])
+        layer.zero_grad(set_to_none=True)
+        layer.end_step()
+    return {"times": results, "auto": layer.tuner.chosen}
 
 
 def run(args) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=worker, args=(r, args.world, port, args, queue)) for r in range(args.world)]
-    for p in procs:
-        p.start()
-    out = dict(queue.get(timeout=1800) for _ in procs)
-    for p in procs:
-        p.join()
-    return out[0]
+    return run_distributed(worker, args.world, args, timeout=1800)[0]  # one thread per rank, gloo
 
 
 def in_rate_limited_netns(args, argv) -> int:

@@ -16,3 +16,25 @@ def dense_moe_reference(x_TD, topk_idx_TK, gates_TK, w1_EDF, w3_EDF, w2_EFD, kee
     picked_TKD = out_ETD[topk_idx_TK, torch.arange(T)[:, None]]
     weights_TK = gates_TK if keep_TK is None else gates_TK * keep_TK
     return (picked_TKD * weights_TK[..., None]).sum(1)
+
+
+def global_inputs(T, D, seed=42):
+    """The global batch x_TD and the upstream gradient dy_TD that ranks slice from."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(T, D, generator=g), torch.randn(T, D, generator=g)
+
+
+def run_layer(layer, x_TD, dy_TD, bias=None):
+    """Forward one MoE layer on x_TD (optionally with a forced router bias), backward sum(y * dy).
+
+    Returns (y, dx, parameter gradients, routing stats, weights_alive): weights_alive tells whether FSSDP's gathered
+    expert weights were still alive after the forward (None when nothing was gathered)."""
+    if bias is not None:
+        layer.router.expert_bias_E.copy_(torch.tensor(bias))
+    x = x_TD.clone().requires_grad_()
+    y = layer(x[None]).squeeze(0)
+    ref = getattr(layer.experts, "last_materialized", None)
+    weights_alive = None if ref is None else ref() is not None
+    (y * dy_TD).sum().backward()
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    return y.detach(), x.grad, grads, layer.stats, weights_alive

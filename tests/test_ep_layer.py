@@ -14,6 +14,7 @@ from moetrain.config.schema import RouterConfig
 from moetrain.moe.layer import MoELayer
 from moetrain.parallel.mesh import ParallelContext, build_groups
 from tests.distributed import run_distributed
+from tests.moe_reference import global_inputs, run_layer
 
 D, F = 8, 16
 
@@ -27,28 +28,13 @@ def make_layer(E, K, ep_group=None, degree="1", **router_kw):
     return layer
 
 
-def global_inputs(T, bias):
-    g = torch.Generator().manual_seed(42)
-    return torch.randn(T, D, generator=g), torch.randn(T, D, generator=g)
-
-
-def run_layer(layer, x, dy, bias):
-    if bias is not None:
-        layer.router.expert_bias_E.copy_(torch.tensor(bias))
-    x = x.clone().requires_grad_()
-    y = layer(x[None]).squeeze(0)
-    (y * dy).sum().backward()
-    grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
-    return y.detach(), x.grad, grads, layer.stats
-
-
 def ep_body(rank, world_size, ep, E, K, tokens_per_rank, bias, router_kw, degree="1"):
     ctx = build_groups(ParallelContext(ep=ep))
     layer = make_layer(E, K, ctx.ep_group, degree, **router_kw)
-    x, dy = global_inputs(sum(tokens_per_rank), bias)
+    x, dy = global_inputs(sum(tokens_per_rank), D)
     start = sum(tokens_per_rank[:rank])
     sl = slice(start, start + tokens_per_rank[rank])
-    y, dx, grads, stats = run_layer(layer, x[sl], dy[sl], bias)
+    y, dx, grads, stats, _ = run_layer(layer, x[sl], dy[sl], bias)
     return dict(y=y, dx=dx, grads=grads, expert_ids=layer.experts.expert_ids,
                 received=stats.tokens_per_local_expert_L.sum().item())
 
@@ -81,21 +67,21 @@ def test_ep_layer_matches_single_process(case):
     degree = case.split("@")[1] if "@" in case else "1"
     results = run_distributed(ep_body, world, ep, E, K, tokens_per_rank, bias, router_kw, degree)
     ref_layer = make_layer(E, K, None, **router_kw)
-    x, dy = global_inputs(sum(tokens_per_rank), bias)
+    x, dy = global_inputs(sum(tokens_per_rank), D)
     if router_kw.get("capacity_factor"):
         # Capacity is per source rank (local T): the reference applies it per rank slice, like the ranks do.
         ys, dxs, grads = [], [], None
         start = 0
         for n in tokens_per_rank:
             ref_layer.zero_grad()
-            y, dx, g, _ = run_layer(ref_layer, x[start:start + n], dy[start:start + n], bias)
+            y, dx, g, _, _ = run_layer(ref_layer, x[start:start + n], dy[start:start + n], bias)
             ys.append(y)
             dxs.append(dx)
             grads = g if grads is None else {k: grads[k] + g[k] for k in g}
             start += n
         y_ref, dx_ref = torch.cat(ys), torch.cat(dxs)
     else:
-        y_ref, dx_ref, grads, _ = run_layer(ref_layer, x, dy, bias)
+        y_ref, dx_ref, grads, _, _ = run_layer(ref_layer, x, dy, bias)
 
     torch.testing.assert_close(torch.cat([r["y"] for r in results]), y_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.cat([r["dx"] for r in results]), dx_ref, rtol=1e-5, atol=1e-6)

@@ -12,6 +12,7 @@ from moetrain.moe.layer import MoELayer
 from moetrain.parallel.fssdp.collectives import build_gather_plan, sparse_all_gather, sparse_reduce_scatter
 from moetrain.parallel.fssdp.placement import (LoadPredictor, Placement, balanced_owners, place_replicas)
 from tests.distributed import run_distributed
+from tests.moe_reference import global_inputs, run_layer
 
 # ----------------------------------------------------------------------------------------------------- placement
 
@@ -124,30 +125,14 @@ def make_layer(E, K, group=None, fssdp=None, **router_kw):
     return layer
 
 
-def global_inputs(T):
-    g = torch.Generator().manual_seed(42)
-    return torch.randn(T, D, generator=g), torch.randn(T, D, generator=g)
-
-
-def run_layer(layer, x, dy, bias):
-    if bias is not None:
-        layer.router.expert_bias_E.copy_(torch.tensor(bias))
-    x = x.clone().requires_grad_()
-    y = layer(x[None]).squeeze(0)
-    ref = getattr(layer.experts, "last_materialized", None)  # None: nothing was gathered (no replicas anywhere)
-    weights_alive = None if ref is None else ref() is not None
-    (y * dy).sum().backward()
-    return y.detach(), x.grad, {n: p.grad.clone() for n, p in layer.named_parameters()}, weights_alive
-
-
 def fssdp_layer_body(rank, world, E, K, tokens, bias, load, budget, remat):
     layer = make_layer(E, K, dist.group.WORLD, FSSDPConfig(budget=budget, rematerialize=remat))
     state = layer.fssdp_state
     state.placement = place_replicas(state.owners, load, world, budget)
-    x, dy = global_inputs(tokens * world)
+    x, dy = global_inputs(tokens * world, D)
     sl = slice(rank * tokens, (rank + 1) * tokens)
     gc.collect()
-    y, dx, grads, alive = run_layer(layer, x[sl], dy[sl], bias)
+    y, dx, grads, _, alive = run_layer(layer, x[sl], dy[sl], bias)
     return dict(y=y, dx=dx, grads=grads, owned=list(layer.experts.expert_ids), alive=alive,
                 replicas=state.placement.replicas,
                 materialized=state.placement.materialized(rank),
@@ -168,8 +153,8 @@ def test_fssdp_layer_matches_single_process(world, tokens, bias, load, budget, r
     E, K = 8, 2
     results = run_distributed(fssdp_layer_body, world, E, K, tokens, bias, load, budget, remat)
     ref = make_layer(E, K)
-    x, dy = global_inputs(tokens * world)
-    y_ref, dx_ref, grads, _ = run_layer(ref, x, dy, bias)
+    x, dy = global_inputs(tokens * world, D)
+    y_ref, dx_ref, grads, _, _ = run_layer(ref, x, dy, bias)
     torch.testing.assert_close(torch.cat([r["y"] for r in results]), y_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.cat([r["dx"] for r in results]), dx_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(sum(r["grads"]["router.gate.weight"] for r in results), grads["router.gate.weight"],
@@ -195,9 +180,9 @@ def fssdp_capacity_body(rank, world, tokens, load, capacity_factor, pad):
                        pad_to_capacity=pad)
     state = layer.fssdp_state
     state.placement = place_replicas(state.owners, load, world, 2)
-    x, dy = global_inputs(tokens * world)
+    x, dy = global_inputs(tokens * world, D)
     sl = slice(rank * tokens, (rank + 1) * tokens)
-    y, dx, grads, _ = run_layer(layer, x[sl], dy[sl], SKEW)
+    y, dx, grads, _, _ = run_layer(layer, x[sl], dy[sl], SKEW)
     return dict(y=y, dx=dx, grads=grads, owned=list(layer.experts.expert_ids), dropped=layer.stats.num_dropped)
 
 
@@ -206,11 +191,11 @@ def test_fssdp_capacity_mode_matches_per_rank_reference(pad):
     world, tokens, load = 2, 8, [50, 0, 0, 0, 50, 0, 0, 0]
     results = run_distributed(fssdp_capacity_body, world, tokens, load, 1.0, pad)
     ref = make_layer(8, 2, capacity_factor=1.0, pad_to_capacity=pad)
-    x, dy = global_inputs(tokens * world)
+    x, dy = global_inputs(tokens * world, D)
     ys, dxs, grads = [], [], None
     for r in range(world):  # capacity is per source rank: the reference applies it to each rank's slice
         ref.zero_grad()
-        y, dx, g, _ = run_layer(ref, x[r * tokens:(r + 1) * tokens], dy[r * tokens:(r + 1) * tokens], SKEW)
+        y, dx, g, _, _ = run_layer(ref, x[r * tokens:(r + 1) * tokens], dy[r * tokens:(r + 1) * tokens], SKEW)
         ys.append(y)
         dxs.append(dx)
         grads = g if grads is None else {k: grads[k] + g[k] for k in g}
