@@ -72,12 +72,11 @@ class MoELayer(nn.Module):
             self.experts = GroupedExperts(dim, hidden, list(range(ep_rank * L, (ep_rank + 1) * L)), backend)
         self.shared_experts = SwiGLU(dim, hidden * num_shared) if num_shared > 0 else None
         # Pipelining (parallel/pipeline.py): chunks of the all-to-all overlap with expert compute; "auto" tunes.
-        self.pipeline_degree = pipeline_degree
         communicates = isinstance(self.dispatcher, AllToAllDispatcher)
         self.tuner = DegreeTuner(self.dispatcher.num_local_experts, ep_group) \
             if communicates and pipeline_degree == "auto" else None
         self._fixed_degree = int(pipeline_degree) if communicates and pipeline_degree != "auto" else 1
-        self._timings: list = []  # (start, end or None, tokens) of this step's measured forwards
+        self._timings: list = []  # (start, stop, tokens) of this step's measured training forwards
         self.aux_loss: Optional[torch.Tensor] = None
         self.aux_terms: dict[str, torch.Tensor] = {}  # each configured router loss of the last forward
         self.stats: Optional[MoEStats] = None
