@@ -218,10 +218,8 @@ class Trainer:
             dt = time.perf_counter() - t0
             log_now = self.step % tc.log_every == 0 or self.step == tc.max_steps
             metrics.update(self._routing_metrics(log_now))
-            if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.max_steps:
-                metrics.update(self.evaluate())
-            if self.step == tc.max_steps:
-                metrics.update(self.evaluate())
+            if self.step == tc.max_steps or (tc.eval_every and self.step % tc.eval_every == 0):
+                metrics.update(self.evaluate())  # periodic, and always at the end
             if log_now or "val_loss" in metrics:
                 elapsed = time.perf_counter() - start_time
                 done = self.step - start_step
