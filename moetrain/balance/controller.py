@@ -79,7 +79,10 @@ class BalanceController:
     @torch.no_grad()
     def pop_compute_stats(self) -> dict[str, list[float]]:
         """Per layer: rows computed per rank (gathered over ranks), the dropped fraction and the mean routing entropy
-        since the last call (reduced over ranks); resets the accumulators."""
+        since the last call (reduced over ranks); resets the accumulators. A dense model (no MoE layer) gets empty
+        lists and runs no collective (every rank has the same layers, so all skip it together)."""
+        if not self.layers:
+            return {"rank_loads": [], "dropped_frac": [], "entropy": []}
         rows_N = torch.stack(self._rows_computed).to(self.ctx.device)
         sums = torch.tensor([self._dropped, self._copies, self._entropy, self._tokens], dtype=torch.float64,
                             device=self.ctx.device)
