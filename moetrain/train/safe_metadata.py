@@ -28,13 +28,22 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 
 __all__ = ["CheckpointError", "SafeFileSystemReader", "SafeLoadPlanner", "read_metadata_safely",
-           "ALLOWED_GLOBALS"]
+           "ALLOWED_GLOBALS", "one_line"]
 
 METADATA_FILE = ".metadata"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be written, found or loaded; the message names the problem and the fix."""
+
+
+def one_line(text: object) -> str:
+    """The first non-empty line of `str(text)`, stripped: foreign error messages (torch's C++ errors carry
+    backtraces, DCP's CheckpointException carries tracebacks) are cut down to it before they reach the user."""
+    for line in str(text).splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
 
 
 _DCP_METADATA = "torch.distributed.checkpoint.metadata"
@@ -94,7 +103,7 @@ def _unpickle_metadata(stream: io.BufferedIOBase, source: str) -> Metadata:
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - any parse failure means the file is not usable metadata
-        raise CheckpointError(f"cannot read checkpoint metadata {source}: {type(e).__name__}: {e}; "
+        raise CheckpointError(f"cannot read checkpoint metadata {source}: {type(e).__name__}: {one_line(e)}; "
                               "the checkpoint is corrupt or incomplete") from e
     if not isinstance(metadata, Metadata):
         raise CheckpointError(f"checkpoint metadata {source} holds a {type(metadata).__name__}, not a DCP Metadata; "
