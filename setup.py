@@ -26,7 +26,7 @@ setup(
         "tensorboard": ["tensorboard>=2.14"],
         "kernels": ["triton>=3.0"],
         "deepspeed": ["deepspeed>=0.15"],
-        "dev": ["pytest>=8", "wandb>=0.17", "tensorboard>=2.14", "triton>=3.0"],
+        "dev": ["pytest>=8", "hypothesis>=6", "wandb>=0.17", "tensorboard>=2.14", "triton>=3.0"],
     },
     entry_points={
         "console_scripts": [

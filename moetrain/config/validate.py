@@ -2,153 +2,446 @@
 
 Each problem is one line that names the key, the value and the fix. All problems are collected and reported
 together, so a user fixes a command line once.
+
+The checks come in three layers:
+- every key, by type: strings must be printable (one-line messages, usable paths), integers must fit in 64 bits;
+- `RULES`, one range rule per numeric key and one allowed-value rule (from `CHOICES`) per string key with a fixed set
+  of values: finite where a float must be, bounds, enums. Every key but the booleans (which composition already
+  type-checks) has a rule or a cross-key check; tests/test_validate_props.py walks the schema to keep it so;
+- cross-key checks (divisibility, top_k <= num_experts, paths, installed packages), run only on keys that passed
+  their own rules, so one bad value gives one message.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
+import math
 import os
 import tempfile
+import typing
+from dataclasses import dataclass
+from functools import reduce
 from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
 
 from moetrain.config.schema import TrainConfig
+from moetrain.parallel.pipeline import CANDIDATES as PIPELINE_DEGREES
+from moetrain.telemetry.loggers import TENSORBOARD_MISSING, WANDB_MISSING, WANDB_MODES
 
 
 class ConfigError(ValueError):
     """A configuration problem the user can fix on the command line."""
 
 
+# The allowed values of every string key with a fixed set of values (one place; docs/configuration.md lists them).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "router.score_func": ("softmax", "sigmoid"),
+    "parallel.mode": ("ep", "fssdp"),
+    "parallel.data_parallel": ("ddp", "fsdp"),
+    "parallel.pipeline_degree": ("auto",) + tuple(str(n) for n in PIPELINE_DEGREES),
+    "parallel.backend": ("auto", "gloo", "nccl"),
+    "optim.name": ("adamw",),
+    "optim.schedule": ("cosine", "constant"),
+    "optim.impl": ("auto", "fused", "foreach", "apex"),
+    "data.name": ("stdlib", "shards"),
+    "logger.wandb_mode": WANDB_MODES,
+    "trainer.device": ("auto", "cpu", "cuda"),
+}
+
+SEED_LIMIT = 2**32  # trainer.seed is combined with step and expert ids into torch generator seeds
+
+
+# ------------------------------------------------------------------------------------------------ schema walking
+def schema_fields(cls: type = TrainConfig, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, annotated type) of every leaf field of the schema, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key, tp = f"{prefix}{f.name}", hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from schema_fields(tp, f"{key}.")
+        else:
+            yield key, tp
+
+
+def schema_keys(cls: type = TrainConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema, nested config nodes included (`parallel.fssdp` and its leaves)."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key, tp = f"{prefix}{f.name}", hints[f.name]
+        keys.append(key)
+        if dataclasses.is_dataclass(tp):
+            keys += schema_keys(tp, f"{key}.")
+    return keys
+
+
+def get_key(cfg: TrainConfig, key: str) -> Any:
+    return reduce(getattr, key.split("."), cfg)
+
+
+def show(value: Any) -> str:
+    """A value as it appears in a message: plain where printable, repr otherwise (keeps the message one line)."""
+    text = str(value)
+    return text if text and text.isprintable() else repr(value)
+
+
+# --------------------------------------------------------------------------------------------------- range rules
+@dataclass(frozen=True)
+class Rule:
+    """`key`'s value must satisfy `ok`; otherwise the problem is `"{key}={value} {text}"`."""
+
+    key: str
+    ok: Callable[[Any], bool]
+    text: str
+    quote: bool = False  # show the value as repr (strings of a fixed set, so an empty or spaced value is visible)
+
+    def problem(self, value: Any) -> Optional[str]:
+        if self.ok(value):
+            return None
+        shown = repr(value) if self.quote else show(value)
+        return f"{self.key}={shown} {self.text}"
+
+
+def at_least(key: str, lo: int, note: str = "") -> Rule:
+    """An integer >= lo."""
+    return Rule(key, lambda v: v >= lo, f"must be >= {lo}{note}")
+
+
+def positive(key: str, note: str = "") -> Rule:
+    """A finite float > 0."""
+    return Rule(key, lambda v: math.isfinite(v) and v > 0, f"must be > 0 and finite{note}")
+
+
+def non_negative(key: str, note: str = "") -> Rule:
+    """A finite float >= 0."""
+    return Rule(key, lambda v: math.isfinite(v) and v >= 0, f"must be >= 0 and finite{note}")
+
+
+def fraction(key: str, interval: str, note: str = "") -> Rule:
+    """A float in `interval`, one of "[0, 1]", "[0, 1)", "(0, 1)"."""
+    lo_ok = (lambda v: v >= 0) if interval[0] == "[" else (lambda v: v > 0)
+    hi_ok = (lambda v: v <= 1) if interval[-1] == "]" else (lambda v: v < 1)
+    return Rule(key, lambda v: math.isfinite(v) and lo_ok(v) and hi_ok(v), f"must be in {interval}{note}")
+
+
+def one_of(key: str, verb: str = "is unknown") -> Rule:
+    values = CHOICES[key]
+    listed = values[0] if len(values) == 1 else ", ".join(values[:-1]) + f" or {values[-1]}"
+    return Rule(key, lambda v: v in values, f"{verb}; use {listed}", quote=True)
+
+
+def non_empty(key: str, text: str, optional: bool = False) -> Rule:
+    """A string with more than white space (or None where `optional`)."""
+    return Rule(key, lambda v: (optional and v is None) or bool(v and v.strip()), text, quote=True)
+
+
+RULES: tuple[Rule, ...] = (
+    # model
+    non_empty("model.name", "must be a non-empty name"),
+    at_least("model.vocab_size", 256, ", the byte tokenizer's vocabulary; set model.vocab_size=256 or more"),
+    at_least("model.dim", 1),
+    at_least("model.n_layers", 1),
+    at_least("model.n_heads", 1),
+    at_least("model.n_kv_heads", 1),
+    at_least("model.max_seq_len", 1),
+    Rule("model.rope_theta", lambda v: math.isfinite(v) and v > 1,
+         "must be > 1 and finite (the RoPE base; 10000 is usual)"),
+    positive("model.norm_eps", " (RMSNorm's epsilon; 1e-5 is usual)"),
+    at_least("model.ffn_hidden", 1),
+    at_least("model.num_experts", 0, " (0 = dense model)"),
+    at_least("model.moe_hidden", 1),
+    at_least("model.num_shared_experts", 0),
+    at_least("model.first_k_dense", 0, " (model.n_layers or more makes every layer dense)"),
+    at_least("model.moe_every", 1),
+    positive("model.init_std", " (the std of the initial weights; 0.02 is usual)"),
+    # router (top_k against model.num_experts: see _router_shape)
+    one_of("router.score_func"),
+    at_least("router.num_groups", 1, " (1 = no group-limited routing)"),
+    at_least("router.topk_groups", 1),
+    positive("router.route_scale", " (gates are multiplied by it; 1.0 leaves them as they are)"),
+    non_negative("router.bias_update_rate", " (0 turns the bias update off)"),
+    fraction("router.bias_update_stop_frac", "[0, 1]",
+             " (the fraction of trainer.max_steps after which the bias stops)"),
+    non_negative("router.aux_loss_coeff", " (0 turns it off)"),
+    non_negative("router.seq_aux_loss_coeff", " (0 turns it off)"),
+    non_negative("router.z_loss_coeff", " (0 turns it off)"),
+    Rule("router.capacity_factor", lambda v: v is None or (math.isfinite(v) and v > 0),
+         "must be > 0 and finite (or null for dropless)"),
+    # parallel
+    one_of("parallel.mode"),
+    at_least("parallel.ep", 1),
+    one_of("parallel.data_parallel"),
+    one_of("parallel.pipeline_degree", verb="is invalid"),
+    one_of("parallel.backend"),
+    positive("parallel.timeout_s", " (seconds a collective may wait)"),
+    at_least("parallel.fssdp.budget", 0),
+    at_least("parallel.fssdp.window", 1),
+    at_least("parallel.fssdp.reshard_every", 0, " (0 never re-shards)"),
+    # optim
+    one_of("optim.name"),
+    positive("optim.lr"),
+    fraction("optim.min_lr_ratio", "[0, 1]"),
+    at_least("optim.warmup_steps", 0),
+    one_of("optim.schedule"),
+    non_negative("optim.weight_decay"),
+    fraction("optim.beta1", "[0, 1)", " (Adam's first-moment decay; 0.9 is usual)"),
+    fraction("optim.beta2", "[0, 1)", " (Adam's second-moment decay; 0.95 is usual)"),
+    positive("optim.eps", " (Adam's epsilon; 1e-8 is usual)"),
+    non_negative("optim.grad_clip", " (0 disables clipping)"),
+    one_of("optim.impl"),
+    # data (path, cache_dir: see _data_paths)
+    one_of("data.name"),
+    at_least("data.seq_len", 1),
+    at_least("data.global_batch_size", 1),
+    at_least("data.micro_batch_size", 1),
+    fraction("data.val_fraction", "(0, 1)"),
+    at_least("data.max_corpus_bytes", 1),
+    # logger
+    non_empty("logger.wandb_project", "must be a non-empty wandb project name"),
+    one_of("logger.wandb_mode"),
+    non_empty("logger.wandb_run_name", "must be a non-empty run name, or null to let wandb pick one",
+              optional=True),
+    # trainer (device=cuda, run_dir, resume: see _backend_device, _run_dir, _resume)
+    at_least("trainer.max_steps", 1),
+    Rule("trainer.seed", lambda v: 0 <= v < SEED_LIMIT, "must be in [0, 2^32)"),
+    at_least("trainer.log_every", 1),
+    at_least("trainer.eval_every", 0, " (0 evaluates only at the end)"),
+    at_least("trainer.eval_batches", 0, " (0 turns evaluation off)"),
+    at_least("trainer.checkpoint_every", 0, " (0 writes only the final checkpoint)"),
+    at_least("trainer.keep_checkpoints", 1),
+    at_least("trainer.max_bad_steps", 1, " (consecutive non-finite steps tolerated before stopping)"),
+    non_empty("trainer.run_dir", "must name a directory"),
+    non_empty("trainer.resume", "must be auto, none or a checkpoint directory"),
+    one_of("trainer.device"),
+)
+
+
+def type_problems(cfg: TrainConfig) -> Iterator[tuple[str, str]]:
+    """(key, problem) for values no key may take: strings with control characters, integers beyond 64 bits."""
+    for key, _ in schema_fields():
+        value = get_key(cfg, key)
+        if isinstance(value, str) and not value.isprintable():
+            yield key, f"{key}={value!r} contains a control character; remove it"
+        elif isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
+            yield key, f"{key}={value} does not fit in 64 bits; use a smaller value"
+
+
+def rule_problems(cfg: TrainConfig, skip: set[str]) -> Iterator[tuple[str, str]]:
+    """(key, problem) for every value outside its rule's range (keys in `skip` already have a problem)."""
+    for rule in RULES:
+        if rule.key not in skip:
+            problem = rule.problem(get_key(cfg, rule.key))
+            if problem is not None:
+                yield rule.key, problem
+
+
+# ---------------------------------------------------------------------------------------------- cross-key checks
 def _writable_dir(path: Path) -> bool:
     """Whether `path` is, or could be created as, a writable directory: probe its nearest existing ancestor by
     creating and removing a temporary directory there (os.access says yes to root even where writes fail)."""
-    p = path.expanduser().absolute()
-    while not p.exists():
-        if p.parent == p:
-            return False
-        p = p.parent
-    if not p.is_dir():
-        return False
     try:
+        p = path.expanduser().absolute()
+        while not p.exists():
+            if p.parent == p:
+                return False
+            p = p.parent
+        if not p.is_dir():
+            return False
         os.rmdir(tempfile.mkdtemp(dir=p, prefix=".moetrain-probe-"))
-    except OSError:
+    except (OSError, ValueError, RuntimeError):  # ValueError: a name the OS refuses; RuntimeError: `~user` unknown
         return False
     return True
 
 
-def check(cfg: TrainConfig, world_size: int) -> list[str]:
-    m, r, par, o, d, t = cfg.model, cfg.router, cfg.parallel, cfg.optim, cfg.data, cfg.trainer
-    errors: list[str] = []
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
 
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            errors.append(msg)
 
-    # model
-    need(m.dim > 0 and m.n_heads > 0 and m.dim % m.n_heads == 0,
-         f"model.dim={m.dim} must be a positive multiple of model.n_heads={m.n_heads}")
-    need(m.n_kv_heads > 0 and m.n_heads % max(m.n_kv_heads, 1) == 0,
-         f"model.n_heads={m.n_heads} must be divisible by model.n_kv_heads={m.n_kv_heads} (grouped-query attention)")
-    need(m.n_heads > 0 and (m.dim // max(m.n_heads, 1)) % 2 == 0,
-         f"head dim model.dim/model.n_heads={m.dim}/{m.n_heads} must be even for RoPE")
-    need(m.n_layers > 0, f"model.n_layers={m.n_layers} must be at least 1")
-    need(m.vocab_size >= 256, f"model.vocab_size={m.vocab_size} is below 256, the byte tokenizer's vocabulary; "
-                              "set model.vocab_size=256 or more")
-    need(m.num_experts >= 0, f"model.num_experts={m.num_experts} must be >= 0 (0 = dense model)")
-    need(m.moe_every >= 1, f"model.moe_every={m.moe_every} must be >= 1")
-    # router
-    if m.num_experts > 0:
-        need(1 <= r.top_k <= m.num_experts,
-             f"router.top_k={r.top_k} must be between 1 and model.num_experts={m.num_experts}; "
-             f"lower router.top_k or raise model.num_experts")
-        need(r.score_func in ("softmax", "sigmoid"),
-             f"router.score_func={r.score_func!r} is unknown; use softmax or sigmoid")
-        need(r.num_groups >= 1 and m.num_experts % r.num_groups == 0,
-             f"model.num_experts={m.num_experts} must be divisible by router.num_groups={r.num_groups}")
-        need(1 <= r.topk_groups <= r.num_groups,
-             f"router.topk_groups={r.topk_groups} must be between 1 and router.num_groups={r.num_groups}")
-        if r.num_groups > 1 and m.num_experts % r.num_groups == 0:
-            need(r.top_k <= r.topk_groups * (m.num_experts // r.num_groups),
-                 f"router.top_k={r.top_k} exceeds the experts in router.topk_groups={r.topk_groups} groups of "
-                 f"{m.num_experts // r.num_groups}; raise router.topk_groups")
-        need(r.capacity_factor is None or r.capacity_factor > 0,
-             f"router.capacity_factor={r.capacity_factor} must be > 0 (or null for dropless)")
-        need(not r.pad_to_capacity or r.capacity_factor is not None,
-             "router.pad_to_capacity=true needs a router.capacity_factor (padding is to the capacity)")
-        need(r.bias_update_rate >= 0, f"router.bias_update_rate={r.bias_update_rate} must be >= 0 (0 turns it off)")
-        for key in ("aux_loss_coeff", "seq_aux_loss_coeff", "z_loss_coeff"):
-            need(getattr(r, key) >= 0, f"router.{key}={getattr(r, key)} must be >= 0")
-    # parallel
-    need(par.mode in ("ep", "fssdp"), f"parallel.mode={par.mode!r} is unknown; use ep or fssdp")
-    if par.mode == "fssdp":
-        need(m.num_experts > 0 and m.num_experts % world_size == 0,
-             f"parallel.mode=fssdp shards whole experts over all {world_size} ranks: model.num_experts="
-             f"{m.num_experts} must be a positive multiple of the world size")
-        need(par.ep in (1, world_size), f"parallel.ep={par.ep} has no meaning with parallel.mode=fssdp (experts are "
-                                        f"sharded over all ranks); drop parallel.ep")
-        need(par.data_parallel == "ddp", "parallel.mode=fssdp keeps dense parameters with parallel.data_parallel=ddp")
-        need(par.fssdp.budget >= 0 and par.fssdp.window >= 1 and par.fssdp.reshard_every >= 0,
-             "parallel.fssdp.budget and parallel.fssdp.reshard_every must be >= 0, parallel.fssdp.window >= 1")
-    need(par.ep >= 1, f"parallel.ep={par.ep} must be >= 1")
-    if par.ep >= 1 and par.mode == "ep":
-        need(world_size % par.ep == 0,
-             f"world size {world_size} is not divisible by parallel.ep={par.ep}; launch a multiple of {par.ep} "
-             f"processes or change parallel.ep")
-        need(m.num_experts == 0 or m.num_experts % par.ep == 0,
-             f"model.num_experts={m.num_experts} is not divisible by parallel.ep={par.ep}; "
-             f"pick parallel.ep among the divisors of {m.num_experts}")
-        need(par.ep == 1 or m.num_experts > 0, "parallel.ep > 1 needs MoE layers (model.num_experts > 0)")
-    need(par.data_parallel in ("ddp", "fsdp"), f"parallel.data_parallel={par.data_parallel!r} is unknown; use ddp or fsdp")
-    need(par.data_parallel != "fsdp" or par.ep == 1,
-         "parallel.data_parallel=fsdp supports parallel.ep=1 only for now; use parallel.data_parallel=ddp with ep > 1")
-    need(par.pipeline_degree in ("auto", "1", "2", "4", "8"),
-         f"parallel.pipeline_degree={par.pipeline_degree!r} is invalid; use auto, 1, 2, 4 or 8")
-    need(par.backend in ("auto", "gloo", "nccl"), f"parallel.backend={par.backend!r} is unknown; use auto, gloo or nccl")
-    # optim
-    need(o.lr > 0, f"optim.lr={o.lr} must be > 0")
-    need(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
-    need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
-    need(o.schedule in ("cosine", "constant"), f"optim.schedule={o.schedule!r} is unknown; use cosine or constant")
-    need(o.impl in ("auto", "fused", "foreach", "apex"), f"optim.impl={o.impl!r} is unknown; use auto, fused, foreach or apex")
-    need(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0 (0 disables clipping)")
-    # data
-    need(d.seq_len >= 1, f"data.seq_len={d.seq_len} must be >= 1")
-    need(d.seq_len <= m.max_seq_len,
-         f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower data.seq_len or raise "
-         f"model.max_seq_len")
-    need(d.micro_batch_size >= 1, f"data.micro_batch_size={d.micro_batch_size} must be >= 1")
-    if d.micro_batch_size >= 1:
-        need(d.global_batch_size % (d.micro_batch_size * world_size) == 0 and d.global_batch_size > 0,
-             f"data.global_batch_size={d.global_batch_size} must be a positive multiple of data.micro_batch_size="
-             f"{d.micro_batch_size} x {world_size} ranks; e.g. data.global_batch_size="
-             f"{d.micro_batch_size * world_size * max(1, d.global_batch_size // max(1, d.micro_batch_size * world_size))}")
-    need(0 < d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be in (0, 1)")
-    need(d.name in ("stdlib", "shards"), f"data.name={d.name!r} is unknown; use stdlib (embedded corpus) or shards")
-    if d.name == "shards":
-        if not d.path:
-            errors.append("data.name=shards needs data.path=DIR; create DIR with `moetrain-prepare INPUT --out DIR`")
-        elif not (Path(d.path) / "meta.json").is_file():
-            errors.append(f"data.path={d.path} is not a shard directory (no meta.json); create it with "
-                          f"`moetrain-prepare INPUT --out {d.path}`")
-    # trainer
-    need(t.max_steps >= 1, f"trainer.max_steps={t.max_steps} must be >= 1")
-    need(t.log_every >= 1, f"trainer.log_every={t.log_every} must be >= 1")
-    need(t.eval_every >= 0 and t.checkpoint_every >= 0, "trainer.eval_every and trainer.checkpoint_every must be >= 0")
-    need(t.keep_checkpoints >= 1, f"trainer.keep_checkpoints={t.keep_checkpoints} must be >= 1")
-    need(t.device in ("auto", "cpu", "cuda"), f"trainer.device={t.device!r} is unknown; use auto, cpu or cuda")
-    if t.device == "cuda":
+def _model_shape(cfg: TrainConfig, world_size: int) -> Iterator[str]:
+    m = cfg.model
+    if m.dim % m.n_heads:
+        yield f"model.dim={m.dim} must be a positive multiple of model.n_heads={m.n_heads}"
+    elif (m.dim // m.n_heads) % 2:
+        yield f"head dim model.dim/model.n_heads={m.dim}/{m.n_heads} must be even for RoPE"
+    if m.n_heads % m.n_kv_heads:
+        yield (f"model.n_heads={m.n_heads} must be divisible by model.n_kv_heads={m.n_kv_heads} "
+               f"(grouped-query attention)")
+
+
+def _router_shape(cfg: TrainConfig, world_size: int) -> Iterator[str]:
+    """top_k and expert groups against the number of experts (a dense model only needs top_k >= 1)."""
+    m, r = cfg.model, cfg.router
+    if m.num_experts == 0:
+        if r.top_k < 1:
+            yield f"router.top_k={r.top_k} must be >= 1"
+        return
+    if not 1 <= r.top_k <= m.num_experts:
+        yield (f"router.top_k={r.top_k} must be between 1 and model.num_experts={m.num_experts}; "
+               f"lower router.top_k or raise model.num_experts")
+    if m.num_experts % r.num_groups:
+        yield f"model.num_experts={m.num_experts} must be divisible by router.num_groups={r.num_groups}"
+    elif r.topk_groups > r.num_groups:
+        yield f"router.topk_groups={r.topk_groups} must be between 1 and router.num_groups={r.num_groups}"
+    elif r.num_groups > 1 and r.top_k > r.topk_groups * (m.num_experts // r.num_groups):
+        yield (f"router.top_k={r.top_k} exceeds the experts in router.topk_groups={r.topk_groups} groups of "
+               f"{m.num_experts // r.num_groups}; raise router.topk_groups")
+
+
+def _router_capacity(cfg: TrainConfig, world_size: int) -> Iterator[str]:
+    if cfg.router.pad_to_capacity and cfg.router.capacity_factor is None:
+        yield "router.pad_to_capacity=true needs a router.capacity_factor (padding is to the capacity)"
+
+
+def _fssdp_layout(cfg: TrainConfig, world_size: int) -> Iterator[str]:
+    m, par = cfg.model, cfg.parallel
+    if par.mode != "fssdp":
+        return
+    if m.num_experts == 0 or m.num_experts % world_size:
+        yield (f"parallel.mode=fssdp shards whole experts over all {world_size} ranks: model.num_experts="
+               f"{m.num_experts} must be a positive multiple of the world size")
+    if par.ep not in (1, world_size):
+        yield (f"parallel.ep={par.ep} has no meaning with parallel.mode=fssdp (experts are sharded over all "
+               f"ranks); drop parallel.ep")
+    if par.data_parallel != "ddp":
+        yield "parallel.mode=fssdp keeps dense parameters with parallel.data_parallel=ddp"
+
+
+def _ep_layout(cfg: TrainConfig, world_size: int) -> Iterator[str]:
+    m, par = cfg.model, cfg.parallel
+    if par.mode != "ep":
+        return
+    if world_size % par.ep:
+        yield (f"world size {world_size} is not divisible by parallel.ep={par.ep}; launch a multiple of {par.ep} "
+               f"processes or change parallel.ep")
+    if m.num_experts % par.ep:
+        yield (f"model.num_experts={m.num_experts} is not divisible by parallel.ep={par.ep}; "
+               f"pick parallel.ep among the divisors of {m.num_experts}")
+    elif par.ep > 1 and m.num_experts == 0:
+        yield "parallel.ep > 1 needs MoE layers (model.num_experts > 0)"
+    if par.data_parallel == "fsdp" and par.ep != 1:
+        yield ("parallel.data_parallel=fsdp supports parallel.ep=1 only for now; use parallel.data_parallel=ddp "
+               "with ep > 1")
+
+
+def _backend_device(cfg: TrainConfig, world_size: int) -> Iterator[str]:
+    if cfg.parallel.backend == "nccl" and cfg.trainer.device == "cpu":
+        yield "parallel.backend=nccl needs CUDA but trainer.device=cpu; use parallel.backend=gloo (or auto)"
+    if cfg.trainer.device == "cuda":
         import torch
 
-        need(torch.cuda.is_available(), "trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu")
-    need(_writable_dir(Path(t.run_dir)),
-         f"trainer.run_dir={t.run_dir} cannot be written (permission denied or not a directory); "
-         f"choose another trainer.run_dir")
-    if t.resume not in ("auto", "none"):
-        need((Path(t.resume) / "COMPLETE").is_file(),
-             f"trainer.resume={t.resume} is not a complete checkpoint directory; use trainer.resume=auto or a "
-             f"path like RUN_DIR/checkpoints/step_00000100")
+        if not torch.cuda.is_available():
+            yield "trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu"
+
+
+def _data_sizes(cfg: TrainConfig, world_size: int) -> Iterator[str]:
+    m, d = cfg.model, cfg.data
+    if d.seq_len > m.max_seq_len:
+        yield (f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower data.seq_len or raise "
+               f"model.max_seq_len")
+    per_step = d.micro_batch_size * world_size
+    if d.global_batch_size % per_step:
+        yield (f"data.global_batch_size={d.global_batch_size} must be a positive multiple of data.micro_batch_size="
+               f"{d.micro_batch_size} x {world_size} ranks; e.g. data.global_batch_size="
+               f"{per_step * max(1, d.global_batch_size // per_step)}")
+    if d.name == "stdlib":
+        n_val = int(d.max_corpus_bytes * d.val_fraction)
+        if n_val < d.seq_len + 1 or d.max_corpus_bytes - n_val < d.seq_len + 2:
+            yield (f"data.max_corpus_bytes={d.max_corpus_bytes} is too small for data.seq_len={d.seq_len} windows "
+                   f"with data.val_fraction={d.val_fraction} (train and validation splits each need more than "
+                   f"data.seq_len+1 tokens); raise data.max_corpus_bytes")
+
+
+def _data_paths(cfg: TrainConfig, world_size: int) -> Iterator[str]:
+    d = cfg.data
+    if d.name == "shards":
+        if not d.path:
+            yield "data.name=shards needs data.path=DIR; create DIR with `moetrain-prepare INPUT --out DIR`"
+        elif not _is_file(Path(d.path) / "meta.json"):
+            yield (f"data.path={show(d.path)} is not a shard directory (no meta.json); create it with "
+                   f"`moetrain-prepare INPUT --out {show(d.path)}`")
+        else:
+            yield from _shard_problems(Path(d.path))
+        return
+    if d.path is not None:
+        yield f"data.path={show(d.path)} is only read with data.name=shards; add data=shards or drop data.path"
+    if d.cache_dir is not None and not _writable_dir(Path(d.cache_dir)):
+        yield (f"data.cache_dir={show(d.cache_dir)} cannot be written (permission denied or not a directory); "
+               f"choose another data.cache_dir")
+
+
+def _shard_problems(path: Path) -> Iterator[str]:
+    """What load_shards would refuse (malformed meta.json, missing or truncated .bin files), found before launch."""
+    from moetrain.data import DataError
+    from moetrain.data.shards import load_shards
+
+    try:
+        load_shards(path)
+    except DataError as e:
+        yield f"data.path={show(path)}: {e}"
+
+
+def _logger_packages(cfg: TrainConfig, world_size: int) -> Iterator[str]:
+    lc = cfg.logger
+    if lc.wandb and lc.wandb_mode != "disabled" and importlib.util.find_spec("wandb") is None:
+        yield WANDB_MISSING
+    if lc.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        yield TENSORBOARD_MISSING
+
+
+def _run_dir(cfg: TrainConfig, world_size: int) -> Iterator[str]:
+    run_dir = cfg.trainer.run_dir
+    if not _writable_dir(Path(run_dir)):
+        yield (f"trainer.run_dir={show(run_dir)} cannot be written (permission denied or not a directory); "
+               f"choose another trainer.run_dir")
+
+
+def _resume(cfg: TrainConfig, world_size: int) -> Iterator[str]:
+    resume = cfg.trainer.resume
+    if resume not in ("auto", "none") and not _is_file(Path(resume) / "COMPLETE"):
+        yield (f"trainer.resume={show(resume)} is not a complete checkpoint directory; use trainer.resume=auto or "
+               f"a path like RUN_DIR/checkpoints/step_00000100")
+
+
+# Each cross check with the keys it reads: it runs only when all of them passed their own checks, so one bad value
+# gives one message.
+CROSS_CHECKS: tuple[tuple[Callable[[TrainConfig, int], Iterator[str]], tuple[str, ...]], ...] = (
+    (_model_shape, ("model.dim", "model.n_heads", "model.n_kv_heads")),
+    (_router_shape, ("model.num_experts", "router.top_k", "router.num_groups", "router.topk_groups")),
+    (_router_capacity, ("router.capacity_factor", "router.pad_to_capacity")),
+    (_fssdp_layout, ("model.num_experts", "parallel.mode", "parallel.ep", "parallel.data_parallel")),
+    (_ep_layout, ("model.num_experts", "parallel.mode", "parallel.ep", "parallel.data_parallel")),
+    (_backend_device, ("parallel.backend", "trainer.device")),
+    (_data_sizes, ("model.max_seq_len", "data.name", "data.seq_len", "data.global_batch_size",
+                   "data.micro_batch_size", "data.val_fraction", "data.max_corpus_bytes")),
+    (_data_paths, ("data.name", "data.path", "data.cache_dir")),
+    (_logger_packages, ("logger.wandb", "logger.wandb_mode", "logger.tensorboard")),
+    (_run_dir, ("trainer.run_dir",)),
+    (_resume, ("trainer.resume",)),
+)
+
+
+def check(cfg: TrainConfig, world_size: int) -> list[str]:
+    """Every problem of `cfg` for a launch of `world_size` processes, one line each (empty: the config is valid)."""
+    errors: list[str] = []
+    bad: set[str] = set()
+    for key, problem in type_problems(cfg):
+        errors.append(problem)
+        bad.add(key)
+    for key, problem in rule_problems(cfg, skip=bad):
+        errors.append(problem)
+        bad.add(key)
+    for cross_check, keys in CROSS_CHECKS:
+        if bad.isdisjoint(keys):
+            errors.extend(cross_check(cfg, world_size))
     return errors
 
 
 def validate(cfg: TrainConfig, world_size: int) -> None:
+    """Raise a ConfigError listing every problem of `cfg` (one line when there is one, else one line each)."""
     errors = check(cfg, world_size)
     if errors:
         raise ConfigError("; ".join(errors) if len(errors) == 1 else
