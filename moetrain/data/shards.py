@@ -63,18 +63,48 @@ def write_shards(docs: Iterable[bytes], out_dir: Path, val_fraction: float, max_
     return out_dir
 
 
+# meta.json keys a reader needs, each a positive integer (write_shards also records sources and sha256).
+META_INT_KEYS = ("format", "vocab_size", "train_tokens", "val_tokens")
+_JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
+
+
+def read_meta(path: Path) -> dict:
+    """DIR/meta.json as a dict, checked: a JSON object with every key of META_INT_KEYS a positive integer, the
+    current FORMAT and the byte tokenizer's vocabulary. Any problem is a one-line DataError."""
+    fix = f"re-create the shards with `moetrain-prepare INPUT --out {path}`"
+    try:
+        meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}/meta.json cannot be read ({type(e).__name__}); {fix}") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}/meta.json is not valid JSON ({e}); {fix}") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}/meta.json holds a JSON {_JSON_TYPES.get(type(meta), 'value')}, expected an object; "
+                        f"{fix}")
+    for key in META_INT_KEYS:
+        if key not in meta:
+            raise DataError(f"{path}/meta.json has no {key!r}; {fix}")
+        value = meta[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise DataError(f"{path}/meta.json has {key}={json.dumps(value)[:40]}, expected a positive integer; "
+                            f"{fix}")
+    if meta["format"] != FORMAT:
+        raise DataError(f"{path}/meta.json has format {meta['format']}, expected {FORMAT}; {fix}")
+    if meta["vocab_size"] != ByteTokenizer.vocab_size:
+        raise DataError(f"{path}/meta.json has vocab_size={meta['vocab_size']}, expected {ByteTokenizer.vocab_size} "
+                        f"(byte tokens); {fix}")
+    return meta
+
+
 def load_shards(path: Path) -> tuple[np.memmap, np.memmap, dict]:
+    """(train tokens, validation tokens, meta) of a shard directory; a missing, malformed or truncated directory is a
+    one-line DataError naming the file and the fix."""
     path = Path(path)
     if not path.is_dir():
         raise DataError(f"data.path={path} does not exist; create shards with `moetrain-prepare INPUT --out {path}`")
     if not (path / "meta.json").is_file():
         raise DataError(f"data.path={path} has no meta.json; create shards with `moetrain-prepare INPUT --out {path}`")
-    try:
-        meta = json.loads((path / "meta.json").read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}/meta.json is not valid JSON ({e}); re-create the shards with moetrain-prepare") from None
-    if meta.get("format") != FORMAT:
-        raise DataError(f"{path}/meta.json has format {meta.get('format')!r}, expected {FORMAT}; re-create the shards")
+    meta = read_meta(path)
     for split in ("train", "val"):
         f = path / f"{split}.bin"
         if not f.is_file() or f.stat().st_size != meta[f"{split}_tokens"]:
