@@ -6,13 +6,15 @@ working directory never changes, and a bad override becomes one clear line inste
 
 from __future__ import annotations
 
+import difflib
+import re
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Optional, Sequence
 
 from omegaconf import OmegaConf
 
 from moetrain.config.schema import TrainConfig, register_configs
-from moetrain.config.validate import ConfigError
+from moetrain.config.validate import ConfigError, schema_keys
 
 
 def config_dir() -> Path:
@@ -35,20 +37,73 @@ def compose_dictconfig(overrides: Sequence[str] = (), config_name: str = "train"
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            return compose(config_name=config_name, overrides=list(overrides))
+            dcfg = compose(config_name=config_name, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException, ValueError) as e:
         raise ConfigError(describe_error(e)) from None
+    extra = next(unknown_keys(dcfg), None)
+    if extra is not None:  # `+key=value` adds a key the schema lacks; it would be dropped without a word
+        raise ConfigError(f"bad config or override: {unknown_key(extra)}")
+    return dcfg
+
+
+def unknown_keys(node, prefix: str = "") -> Iterator[str]:
+    """Dotted keys of a composed config that the schema does not have."""
+    from omegaconf import DictConfig
+
+    known = set(schema_keys())
+    for key in node.keys():
+        dotted = f"{prefix}{key}"
+        if dotted not in known:
+            yield dotted
+        elif isinstance(node._get_node(key), DictConfig):
+            yield from unknown_keys(node._get_node(key), f"{dotted}.")
+
+
+def did_you_mean(name: str, candidates: Sequence[str]) -> Optional[str]:
+    """The candidate closest to a misspelled `name` (difflib), or None when nothing is close."""
+    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def nearest_key(key: str) -> Optional[str]:
+    """The schema key a misspelled `key` most likely meant: among its siblings when its parent exists
+    (`trainer.max_step` -> `trainer.max_steps`), else among the keys of the same depth (`trainr.seed`)."""
+    keys = schema_keys()
+    parent, _, leaf = key.rpartition(".")
+    if parent and parent not in keys:
+        return did_you_mean(key, [k for k in keys if k.count(".") == key.count(".")])
+    siblings = [k.rpartition(".")[2] for k in keys if k.rpartition(".")[0] == parent]
+    best = did_you_mean(leaf, siblings)
+    return None if best is None else f"{parent}.{best}" if parent else best
+
+
+def unknown_key(key: str) -> str:
+    """'unknown config key ...' with the nearest schema key, or a pointer to --cfg when nothing is near."""
+    best = nearest_key(key)
+    if best is not None:
+        return f"unknown config key '{key}'; did you mean {best}?"
+    return f"unknown config key '{key}' (check the spelling; `moetrain-train --cfg` prints every key)"
+
+
+def one_line(text: str) -> str:
+    """`text` with control characters escaped, so a message stays one printable line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def describe_error(e: BaseException) -> str:
     """One line from a Hydra/OmegaConf exception chain: what failed, why, and what is available."""
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
     msg = lines[0] if lines else type(e).__name__
-    if msg.startswith("Could not override"):
-        msg = msg.replace("Could not override", "unknown config key").rstrip(".")
-        msg += " (check the spelling; `moetrain-train --cfg` prints every key)"
+    unknown = _UNKNOWN_KEY.match(msg)
+    if unknown:
+        return one_line(f"bad config or override: {unknown_key(unknown.group(1))}")
+    msg = msg.removeprefix("In 'train': ")
     options = [ln for ln in lines[1:] if not ln.startswith(("Config search path", "provider=", "Available options"))]
     if "Available options" in str(e):
+        missing = _MISSING_OPTION.search(msg)
+        best = did_you_mean(missing.group(2), options) if missing else None
+        if best is not None:
+            msg += f"; did you mean {missing.group(1)}={best}?"
         msg += f" (available: {', '.join(options)})"
     cause = e.__cause__ or e.__context__
     while cause is not None and (cause.__cause__ or cause.__context__) is not None:
@@ -57,7 +112,11 @@ def describe_error(e: BaseException) -> str:
         detail = str(cause).strip().splitlines()[0]
         if detail not in msg:
             msg += f": {detail}"
-    return f"bad config or override: {msg}"
+    return one_line(f"bad config or override: {msg}")
+
+
+_UNKNOWN_KEY = re.compile(r"^Could not override '([^']+)'")
+_MISSING_OPTION = re.compile(r"Could not find '([^'/]+)/([^']+)'")
 
 
 def compose_config(overrides: Sequence[str] = ()) -> TrainConfig:
@@ -67,4 +126,4 @@ def compose_config(overrides: Sequence[str] = ()) -> TrainConfig:
     try:
         return OmegaConf.to_object(dcfg)
     except OmegaConfBaseException as e:
-        raise ConfigError(f"bad config value: {str(e).strip().splitlines()[0]}") from None
+        raise ConfigError(one_line(f"bad config value: {str(e).strip().splitlines()[0]}")) from None
