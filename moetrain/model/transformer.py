@@ -26,6 +26,31 @@ from moetrain.model.rope import rope_cos_sin
 from moetrain.moe.layer import MoELayer
 
 
+def check_tokens(tokens_BS: torch.Tensor, cfg: ModelConfig) -> None:
+    """Raise a one-line ValueError unless `tokens_BS` is a non-empty (B, S) batch of integer token ids with
+    S <= model.max_seq_len and, on the CPU, every id in [0, model.vocab_size).
+
+    The id range is read only on the CPU, where it is one cheap reduction; on an accelerator it would cost a
+    device-to-host sync per forward. The training data path needs no check there: shards store uint8 tokens
+    (ids < 256) and the config validator requires model.vocab_size >= 256.
+    """
+    if tokens_BS.dim() != 2:
+        raise ValueError(f"tokens must have shape (batch, sequence), got shape {tuple(tokens_BS.shape)}")
+    if tokens_BS.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"tokens must be int64 or int32 token ids, got dtype {tokens_BS.dtype}")
+    B, S = tokens_BS.shape
+    if B == 0 or S == 0:
+        raise ValueError(f"empty batch of shape ({B}, {S}): give at least one sequence of at least one token")
+    if S > cfg.max_seq_len:
+        raise ValueError(f"sequence length {S} exceeds model.max_seq_len={cfg.max_seq_len}; "
+                         f"shorten the sequences or raise model.max_seq_len")
+    if tokens_BS.device.type == "cpu":
+        lo, hi = (int(v) for v in torch.aminmax(tokens_BS))
+        if lo < 0 or hi >= cfg.vocab_size:
+            raise ValueError(f"token ids must be in [0, {cfg.vocab_size}) (model.vocab_size={cfg.vocab_size}), "
+                             f"got ids from {lo} to {hi}")
+
+
 def is_moe_layer(cfg: ModelConfig, i: int) -> bool:
     return cfg.num_experts > 0 and i >= cfg.first_k_dense and (i - cfg.first_k_dense) % cfg.moe_every == 0
 
@@ -88,6 +113,8 @@ class TransformerLM(nn.Module):
         torch.random.set_rng_state(cpu_rng)
 
     def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
+        """Logits (B, S, V) in fp32; a malformed batch raises a one-line ValueError (see `check_tokens`)."""
+        check_tokens(tokens_BS, self.cfg)
         S = tokens_BS.shape[1]
         cos, sin = rope_cos_sin(S, self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta, tokens_BS.device)
         h_BSD = self.tok_embeddings(tokens_BS)
