@@ -70,6 +70,7 @@ class ParallelConfig:
     data_parallel: str = "ddp"  # ddp | fsdp: how dense parameters are kept across ranks
     pipeline_degree: str = "1"  # auto | 1 | 2 | 4 | 8 (chunks for comm/compute overlap)
     backend: str = "auto"  # auto (nccl on cuda, gloo on cpu) | gloo | nccl
+    timeout_s: float = 180.0  # a collective waiting longer than this ends the job, naming the rank that stopped
     fssdp: FSSDPConfig = field(default_factory=FSSDPConfig)  # mode=fssdp: experts sharded over all ranks
 
 
@@ -117,9 +118,10 @@ class TrainerConfig:
     seed: int = 0
     log_every: int = 10
     eval_every: int = 100  # 0 disables periodic evaluation (a final one still runs)
-    eval_batches: int = 8
+    eval_batches: int = 8  # global validation batches (eval_batches * data.global_batch_size windows); 0: no eval
     checkpoint_every: int = 0  # 0 disables periodic checkpoints (a final one is still written)
     keep_checkpoints: int = 2
+    max_bad_steps: int = 3  # stop after this many consecutive steps with a non-finite loss or gradient norm
     resume: str = "auto"  # auto | none | PATH to a checkpoint directory
     run_dir: str = "runs/${model.name}"
     device: str = "auto"  # auto | cpu | cuda
