@@ -7,7 +7,8 @@ goes to micro-batch m of rank r, position b, where g = (m * P + r) * B + b. So t
 step is the same whatever P and B are (one process reproduces a data-parallel run), and resuming at step s needs only
 s: the loader has no iterator state. Targets are the inputs shifted by one token.
 
-Validation reads fixed, non-overlapping windows from the start of the validation split.
+Validation reads fixed, non-overlapping windows from the start of the validation split: the same windows whatever
+the number of ranks, so `val_loss` does not depend on the layout.
 """
 
 from __future__ import annotations
@@ -58,10 +59,14 @@ class TokenLoader:
         return self._windows(self.train, self.step_offsets(step)[start:start + self.micro_batch_size])
 
     def val_batches(self, num_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's share of the validation set: `num_batches` global batches, i.e. windows 0 .. n-1 with
+        n = num_batches * G (non-overlapping, wrapping around a short split). Window j goes to rank
+        (j // B) % P, in micro-batches of B, so every rank scores n / P windows and the mean over ranks of the
+        per-rank means is the mean over the same n windows for every layout (P, B)."""
         n_windows = (len(self.val) - 1) // self.seq_len
-        B = self.micro_batch_size
-        for b in range(num_batches):
-            first = (b * self.dp_size + self.dp_rank) * B
+        B, P = self.micro_batch_size, self.dp_size
+        for m in range(num_batches * self.grad_accum_steps):
+            first = (m * P + self.dp_rank) * B
             window_ids = (np.arange(first, first + B) % n_windows).astype(np.int64)
             yield self._windows(self.val, window_ids * self.seq_len)
 
