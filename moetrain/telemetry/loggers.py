@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -121,11 +122,18 @@ class ConsoleLogger:
 
 
 class JsonlLogger:
-    """Appends `{"step": step, **metrics}` as one JSON line per call (lists stay lists), flushed every line."""
+    """Appends `{"step": step, **metrics}` as one JSON line per call (lists stay lists), flushed every line.
 
-    def __init__(self, path: Union[str, Path]):
+    `start_step` is the step training (re)starts from: rows of an earlier attempt with a later step are dropped
+    first (atomically), so a resumed run never logs a step twice and readers never see the curve back-track.
+    `start_step=0` starts the file afresh; None appends to whatever is there.
+    """
+
+    def __init__(self, path: Union[str, Path], start_step: Optional[int] = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if start_step is not None:
+            _truncate_jsonl(self.path, start_step)
         self._f: Optional[TextIO] = open(self.path, "a", encoding="utf-8")
 
     def log(self, step: int, metrics: Metrics) -> None:
@@ -142,16 +150,37 @@ class JsonlLogger:
             self._f = None
 
 
+def _truncate_jsonl(path: Path, start_step: int) -> None:
+    """Keep the rows of `path` logged at steps <= start_step (none when start_step is 0); unreadable lines (a
+    row cut by a crash) are dropped too."""
+    if not path.exists():
+        return
+    kept = []
+    if start_step > 0:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= start_step:
+                kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 class TensorBoardLogger:
     """Scalars via `add_scalar`; per-expert load lists via `add_histogram_raw` with one bucket per expert id; other
     numeric lists via `add_histogram` of their values."""
 
-    def __init__(self, log_dir: Union[str, Path]):
+    def __init__(self, log_dir: Union[str, Path], start_step: Optional[int] = None):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
             raise ImportError(TENSORBOARD_MISSING) from e
-        self._writer = SummaryWriter(log_dir=str(log_dir))
+        # purge_step hides events of an earlier attempt logged after the step we resume from
+        purge = start_step + 1 if start_step else None
+        self._writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge)
 
     def log(self, step: int, metrics: Metrics) -> None:
         for key, value in metrics.items():
@@ -299,8 +328,12 @@ class MultiLogger:
         self.close()
 
 
-def build_loggers(logger_cfg: Any, run_dir: Path, rank: int, config_dict: Optional[dict] = None) -> MultiLogger:
+def build_loggers(logger_cfg: Any, run_dir: Path, rank: int, config_dict: Optional[dict] = None,
+                  start_step: Optional[int] = None) -> MultiLogger:
     """The loggers enabled in `logger_cfg` (a `LoggerConfig`) on rank 0; a no-op `MultiLogger([])` elsewhere.
+
+    `start_step`: the step training starts from (the resumed step, or 0); file loggers drop what an earlier
+    attempt logged after it (see `JsonlLogger`).
 
     Files: `run_dir/metrics.jsonl`, `run_dir/tensorboard/`, `run_dir/wandb/`. Missing optional packages fail on every
     rank, before any logger is created, with the pip command that installs them. wandb_mode=disabled skips wandb.
@@ -321,9 +354,9 @@ def build_loggers(logger_cfg: Any, run_dir: Path, rank: int, config_dict: Option
         if logger_cfg.console:
             loggers.append(ConsoleLogger())
         if logger_cfg.jsonl:
-            loggers.append(JsonlLogger(run_dir / "metrics.jsonl"))
+            loggers.append(JsonlLogger(run_dir / "metrics.jsonl", start_step))
         if logger_cfg.tensorboard:
-            loggers.append(TensorBoardLogger(run_dir / "tensorboard"))
+            loggers.append(TensorBoardLogger(run_dir / "tensorboard", start_step))
         if use_wandb:
             loggers.append(
                 WandbLogger(
