@@ -137,6 +137,26 @@ class MoELayer(nn.Module):
         self._timings.clear()
         self.tuner.end_step(global_tokens_per_expert_E)
 
+    def trainer_state(self) -> dict:
+        """Run-time decisions that are not parameters (pipeline degree tuning, FSSDP owners and load window), as
+        JSON-able values for the checkpoint."""
+        state = {}
+        if self.tuner is not None:
+            state["pipeline"] = self.tuner.state_dict()
+        if self.fssdp_state is not None:
+            state["fssdp"] = self.fssdp_state.state_dict()
+        return state
+
+    def load_trainer_state(self, state: dict) -> list[str]:
+        """Restore `trainer_state()` (call before loading the weights); returns what had to be re-derived instead
+        because it was saved under another layout."""
+        rederived = []
+        if self.tuner is not None and "pipeline" in state and not self.tuner.load_state_dict(state["pipeline"]):
+            rederived.append(f"layer {self.layer_id} pipeline degree")
+        if self.fssdp_state is not None and "fssdp" in state and not self.fssdp_state.load_state_dict(state["fssdp"]):
+            rederived.append(f"layer {self.layer_id} FSSDP owners")
+        return rederived
+
     def _router_losses(self, routed, counts_E: torch.Tensor, B: int, S: int) -> dict[str, torch.Tensor]:
         cfg, E, K = self.router_cfg, self.num_experts, self.router_cfg.top_k
         terms: dict[str, torch.Tensor] = {}

@@ -83,6 +83,29 @@ class DegreeTuner:
             if drift > self.retune_drift:
                 self._start_trials()
 
+    # ------------------------------------------------------------------------------------------- checkpointing
+    def state_dict(self) -> dict:
+        """The tuner's decision and trial progress as JSON-able values, so a resumed run neither re-measures a
+        degree it already chose nor restarts a trial phase half-way."""
+        return {"candidates": list(self.candidates), "chosen": self.chosen, "decisions": self.decisions,
+                "trial_index": self._trial_index, "steps_in_trial": self._steps_in_trial,
+                "times": [self._times[n] for n in self.candidates], "shape_changed": self._shape_changed,
+                "num_tokens": self._num_tokens,
+                "load_at_decision": None if self._load_at_decision is None else self._load_at_decision.tolist()}
+
+    def load_state_dict(self, state: dict) -> bool:
+        """Restore `state_dict()`; returns False (and keeps a fresh trial phase) when it was written for other
+        candidate degrees (a different layout), which then get measured again."""
+        if list(state.get("candidates", [])) != self.candidates:
+            return False
+        self.chosen, self.decisions = state["chosen"], int(state["decisions"])
+        self._trial_index, self._steps_in_trial = int(state["trial_index"]), int(state["steps_in_trial"])
+        self._times = {n: [float(t) for t in times] for n, times in zip(self.candidates, state["times"])}
+        self._shape_changed, self._num_tokens = bool(state["shape_changed"]), state["num_tokens"]
+        load = state["load_at_decision"]
+        self._load_at_decision = None if load is None else torch.tensor(load, dtype=torch.float64)
+        return True
+
 
 def _normalise(load_E: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     if load_E is None:

@@ -55,6 +55,30 @@ class FSSDPLayerState:
             self.reshard(balanced_owners(self.predictor.predict(), self.world), params, optimizer)
         self.placement = place_replicas(self.owners, self.predictor.predict(), self.world, self.cfg.budget)
 
+    # ------------------------------------------------------------------------------------------- checkpointing
+    def state_dict(self) -> dict:
+        """Owners and the load window as JSON-able values (the expert rows themselves are checkpointed by global
+        id, so they load under any owners)."""
+        return {"owners": list(self.owners), "history": [c.tolist() for c in self.predictor.history]}
+
+    def load_state_dict(self, state: dict) -> bool:
+        """Adopt saved owners and load window *before* the checkpoint's expert rows are loaded: the owned ids are
+        relabelled in place (no data moves; the load that follows fills the rows by global id) and the next
+        placement is re-computed exactly as `after_step` computed it. Returns False, keeping the current owners,
+        when the saved owners do not fit this layout (other world size or expert count)."""
+        owners = [int(o) for o in state.get("owners", [])]
+        per = self.num_experts // self.world
+        if len(owners) != self.num_experts or any(owners.count(w) != per for w in range(self.world)):
+            return False
+        self.owners = owners
+        self.owned_ids[:] = [e for e in range(self.num_experts) if owners[e] == self.rank]
+        self.predictor.history.clear()
+        for counts in state.get("history", []):
+            self.predictor.observe(torch.tensor(counts, dtype=torch.float64))
+        self.placement = place_replicas(self.owners, self.predictor.predict(), self.world, self.cfg.budget)
+        self._gather_plan = (None, None)
+        return True
+
     @torch.no_grad()
     def reshard(self, new_owners: list[int], params: list[torch.Tensor],
                 optimizer: Optional[torch.optim.Optimizer]) -> None:
