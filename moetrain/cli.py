@@ -25,8 +25,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from moetrain.config.validate import ConfigError
     from moetrain.data import DataError
     from moetrain.train.checkpoint import CheckpointError
+    from moetrain.train.trainer import TrainingDiverged
 
-    return ConfigError, DataError, CheckpointError
+    return ConfigError, DataError, CheckpointError, TrainingDiverged
 
 
 def _fail(prog: str, msg: str, rank: int) -> int:

@@ -62,8 +62,9 @@ class BalanceController:
                 self._tokens[i] += m.stats.num_copies // m.router_cfg.top_k
 
     @torch.no_grad()
-    def step(self, step: int) -> torch.Tensor:
-        """Reduce this step's counts over all ranks, update the biases, reset the counters. Returns counts_NE."""
+    def step(self, step: int, update_bias: bool = True) -> torch.Tensor:
+        """Reduce this step's counts over all ranks, update the biases (unless `update_bias` is False: a skipped,
+        non-finite step), reset the counters. Returns counts_NE."""
         if not self.layers:
             return torch.zeros(0, 0)
         counts_NE = torch.stack([m.router.tokens_per_expert_E for m in self.layers])
@@ -71,7 +72,7 @@ class BalanceController:
             dist.all_reduce(counts_NE, group=self.ctx.world_group)
         rate = bias_rate_at(step, self.max_steps, self.cfg.bias_update_rate, self.cfg.bias_update_stop_frac)
         for m, counts_E in zip(self.layers, counts_NE):
-            if rate > 0 and not self.cfg.force_balanced:
+            if update_bias and rate > 0 and not self.cfg.force_balanced:
                 bias_update_(m.router.expert_bias_E, counts_E, rate, self.cfg.bias_update_center)
             m.router.tokens_per_expert_E.zero_()
         return counts_NE

@@ -9,12 +9,26 @@ One optimizer step s (0-based; `step` in logs and checkpoints counts completed s
     clip the global norm; update router biases from this step's global token counts; AdamW step; LR schedule step
 The logged `loss` is the language-model loss averaged over all micro-batches and ranks (the router losses are logged
 separately as `aux_loss`).
+
+Guards, all decided from values every rank already shares after the step's collectives (no extra sync):
+  * non-finite step: the loss mean over ranks or the global gradient norm is NaN/inf -> the optimizer step and the
+    bias update are skipped (the step counter and LR schedule advance, the batch is consumed), `skipped_steps` counts
+    it, no checkpoint is written until a healthy step; `trainer.max_bad_steps` in a row end the run (TrainingDiverged);
+  * preemption: SIGTERM on any rank sets a flag that travels with the loss all-reduce; every rank finishes the
+    current step, writes a checkpoint and returns normally.
+On resume, the command line's optimizer settings win over the checkpoint's (the moments are kept), metrics.jsonl
+drops what a crashed attempt logged after the checkpoint, and per-layer run-time state (the pipeline tuner's choice,
+FSSDP owners and load window) is restored before the weights.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import signal
+import sys
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -35,6 +49,10 @@ from moetrain.telemetry.loggers import build_loggers
 from moetrain.telemetry.routing_stats import RoutingWindow, layer_metrics
 from moetrain.train import checkpoint as ckpt
 from moetrain.train.optim import build_optimizer, build_scheduler
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient norm was not finite for `trainer.max_bad_steps` consecutive steps."""
 
 
 class Trainer:
@@ -63,9 +81,11 @@ class Trainer:
         self.window = RoutingWindow()
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if ctx.device.type == "cuda"
                          else nullcontext())
-        self.loggers = build_loggers(cfg.logger, self.run_dir, ctx.rank,
-                                     OmegaConf.to_container(OmegaConf.structured(cfg)))
+        self.loggers = None  # built in run(), once the step training starts from is known
         self.step = 0
+        self.bad_streak, self.skipped_steps = 0, 0  # non-finite steps: in a row now, and in the whole run
+        self._preempt_requested = False  # set by the SIGTERM handler; agreed on by all ranks each step
+        self.preempted = False
 
     # ----------------------------------------------------------------------------------------------- checkpoints
     def _extra_state(self) -> dict[str, torch.Tensor]:
@@ -74,24 +94,86 @@ class Trainer:
             extra["rng_cuda"] = torch.cuda.get_rng_state(self.ctx.device)
         return extra
 
-    def save(self) -> Path:
+    def _trainer_state(self) -> dict:
+        return {"optim": dataclasses.asdict(self.cfg.optim), "max_steps": self.cfg.trainer.max_steps,
+                "skipped_steps": self.skipped_steps,
+                "layers": {str(m.layer_id): m.trainer_state() for m in self.balance.layers}}
+
+    def save(self) -> Optional[Path]:
+        """Write a checkpoint of the current step, unless the last step was not finite (the newest checkpoint then
+        stays the newest healthy one)."""
+        if self.bad_streak or not self._weights_finite():
+            self._say(f"step {self.step}: not writing a checkpoint after a non-finite step; the newest checkpoint "
+                      "is still the last healthy one")
+            return None
         return ckpt.save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, self.scheduler,
-                                    extra=self._extra_state(), keep=self.cfg.trainer.keep_checkpoints)
+                                    extra=self._extra_state(), keep=self.cfg.trainer.keep_checkpoints,
+                                    trainer_state=self._trainer_state())
+
+    @torch.no_grad()
+    def _weights_finite(self) -> bool:
+        """Whether every rank's parameters are finite (a healthy step can still overflow in the update)."""
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.model.parameters()]
+        ok = torch.tensor([float(all(bool(torch.isfinite(p).all()) for p in local))], device=self.ctx.device)
+        if self.ctx.is_distributed:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.ctx.world_group)
+        return bool(ok.item() > 0)
 
     def maybe_resume(self) -> Optional[Path]:
         resume = self.cfg.trainer.resume
         if resume == "none":
             return None
-        path = ckpt.find_latest(self.ckpt_dir) if resume == "auto" else Path(resume)
+        path = ckpt.find_latest_valid(self.ckpt_dir) if resume == "auto" else Path(resume)
         if path is None:
             return None
+        state = ckpt.read_trainer_state(path)
+        rederived = []
+        for m in self.balance.layers:  # owners first: the expert rows below load by the ids they define
+            rederived += m.load_trainer_state(state.get("layers", {}).get(str(m.layer_id), {}))
+        if rederived:
+            self._say(f"resume: re-deriving {', '.join(rederived)} (saved under another layout)")
         extra = self._extra_state()
         ckpt.load_checkpoint(path, self.model, self.optimizer, self.scheduler, extra=extra)
         self.step = int(extra["step"].item())
+        self.skipped_steps = int(state.get("skipped_steps", 0))
         torch.set_rng_state(extra["rng_cpu"])
         if "rng_cuda" in extra:
             torch.cuda.set_rng_state(extra["rng_cuda"], self.ctx.device)
+        self._apply_config_hyperparameters(state)
         return path
+
+    def _apply_config_hyperparameters(self, state: dict) -> None:
+        """After a resume the command line wins: the optimizer keeps the checkpoint's moments but takes lr, betas,
+        eps and weight decay from the config, and the LR schedule is re-evaluated at the resumed step with the
+        config's lr, warm-up, schedule and max_steps. One line lists what changed."""
+        o, groups = self.cfg.optim, self.optimizer.param_groups
+        wanted = [dict(initial_lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=wd)
+                  for wd in (o.weight_decay, 0.0)][:len(groups)]
+        changes = []
+        for key, label in (("initial_lr", "optim.lr"), ("betas", "optim.beta1/beta2"), ("eps", "optim.eps"),
+                           ("weight_decay", "optim.weight_decay")):
+            if key in groups[0] and _differs(groups[0][key], wanted[0][key]):
+                changes.append(f"{label} {_fmt(groups[0][key])} -> {_fmt(wanted[0][key])}")
+        saved_optim = state.get("optim", {})
+        for key in ("warmup_steps", "schedule", "min_lr_ratio"):
+            if key in saved_optim and _differs(saved_optim[key], getattr(o, key)):
+                changes.append(f"optim.{key} {_fmt(saved_optim[key])} -> {_fmt(getattr(o, key))}")
+        if "max_steps" in state and state["max_steps"] != self.cfg.trainer.max_steps:
+            changes.append(f"trainer.max_steps {state['max_steps']} -> {self.cfg.trainer.max_steps}")
+        for group, values in zip(groups, wanted):
+            group.update(values)
+        sched = self.scheduler
+        sched.base_lrs = [g["initial_lr"] for g in groups]
+        for group, base, factor in zip(groups, sched.base_lrs, sched.lr_lambdas):
+            group["lr"] = base * factor(sched.last_epoch)
+        sched._last_lr = [g["lr"] for g in groups]
+        if changes:
+            self._say("resume: the command line overrides the checkpoint's " + ", ".join(changes)
+                      + " (optimizer moments kept)")
+
+    def _say(self, message: str) -> None:
+        if self.ctx.is_main:
+            print(f"moetrain: {message}", file=sys.stderr, flush=True)
 
     # ---------------------------------------------------------------------------------------------- train / eval
     def _mean_over_ranks(self, values: list[float]) -> list[float]:
@@ -137,25 +219,51 @@ class Trainer:
         t0 = self._now()
         if not self.fsdp:
             sync_gradients(model, self.ctx)
-        grad_norm = self._clip()
+        grad_norm = float(self._clip())  # global: the same value on every rank
+        # One all-reduce carries the losses and the preemption flag; a NaN/inf on any rank makes the mean non-finite.
+        names = sorted(aux_totals)
+        reduced = self._mean_over_ranks([lm_total / accum] + [aux_totals[n] / accum for n in names]
+                                        + [float(self._preempt_requested)])
+        self.preempted = reduced.pop() > 0
+        healthy = all(math.isfinite(v) for v in reduced) and math.isfinite(grad_norm)
         t1 = self._now()
-        self.counts_NE = self.balance.step(self.step)
-        self.optimizer.step()
+        self.counts_NE = self.balance.step(self.step, update_bias=healthy)
+        if healthy:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        self._count_health(healthy, reduced[0], grad_norm)
         self.step_degrees = [layer.degree for layer in self.balance.layers]  # the degrees this step ran with
         for layer, counts_E in zip(self.balance.layers, self.counts_NE):
             layer.end_step(counts_E)  # pipeline degree tuning
             if layer.fssdp_state is not None:  # next placement (and periodic re-sharding) from this step's load
                 layer.fssdp_state.after_step(self.step, counts_E, list(layer.experts.parameters()), self.optimizer)
         times["grad_sync"], times["optimizer"] = t1 - t0, self._now() - t1
-        names = sorted(aux_totals)
-        reduced = self._mean_over_ranks([lm_total / accum] + [aux_totals[n] / accum for n in names])
-        metrics = {"loss": reduced[0], "aux_loss": sum(reduced[1:]), "grad_norm": float(grad_norm)}
+        metrics = {"loss": reduced[0], "aux_loss": sum(reduced[1:]), "grad_norm": grad_norm,
+                   "skipped_steps": self.skipped_steps}
         metrics.update({f"aux/{n}": v for n, v in zip(names, reduced[1:])})
         metrics.update({f"time/{k}_s": v for k, v in times.items()})
         return metrics
+
+    def _count_health(self, healthy: bool, loss: float, grad_norm: float) -> None:
+        if healthy:
+            self.bad_streak = 0
+            return
+        self.bad_streak += 1
+        self.skipped_steps += 1
+        self._say(f"step {self.step}: non-finite loss {loss} or gradient norm {grad_norm}: optimizer step skipped "
+                  f"({self.bad_streak} in a row of trainer.max_bad_steps={self.cfg.trainer.max_bad_steps})")
+
+    def _stop_if_diverged(self) -> None:
+        limit = self.cfg.trainer.max_bad_steps
+        if self.bad_streak >= limit:
+            latest = ckpt.find_latest(self.ckpt_dir)
+            raise TrainingDiverged(
+                f"training diverged: loss or gradient norm not finite for {limit} steps in a row (steps "
+                f"{self.step - limit + 1}-{self.step}); the newest healthy checkpoint is "
+                f"{latest if latest is not None else 'none (none was written)'}; lower optim.lr, raise optim.warmup_steps "
+                f"or check model.init_std and the data")
 
     def _clip(self) -> torch.Tensor:
         max_norm = self.cfg.optim.grad_clip
@@ -166,6 +274,10 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        """Mean loss over the validation set (`trainer.eval_batches` global batches, the same windows for any
+        layout); {} when trainer.eval_batches=0."""
+        if self.cfg.trainer.eval_batches == 0:
+            return {}
         self.model.eval()
         total, n = 0.0, 0
         with router_counting(self.model, False), self.autocast:
@@ -203,13 +315,36 @@ class Trainer:
         return metrics
 
     def run(self) -> dict[str, float]:
+        """Train to trainer.max_steps (or until preempted by SIGTERM: the current step finishes, a checkpoint is
+        written and run returns normally with `self.preempted` set)."""
+        previous = self._catch_sigterm()
+        try:
+            return self._run()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+            if self.loggers is not None:
+                self.loggers.close()
+
+    def _catch_sigterm(self):
+        if threading.current_thread() is not threading.main_thread():
+            return None  # signal handlers can only be installed from the main thread
+
+        def request_stop(signum, frame):
+            self._preempt_requested = True
+
+        return signal.signal(signal.SIGTERM, request_stop)
+
+    def _run(self) -> dict[str, float]:
         tc, ctx = self.cfg.trainer, self.ctx
         resumed = self.maybe_resume()
         if resumed is not None and ctx.is_main:
             print(f"resumed from {resumed} at step {self.step}", flush=True)
+        self.loggers = build_loggers(self.cfg.logger, self.run_dir, ctx.rank,
+                                     OmegaConf.to_container(OmegaConf.structured(self.cfg)), start_step=self.step)
         tokens_per_step = self.cfg.data.global_batch_size * self.cfg.data.seq_len
         last: dict[str, float] = {}
-        if self.step == 0 and tc.eval_every:
+        if self.step == 0 and tc.eval_every and tc.eval_batches:
             self.loggers.log(0, self.evaluate())  # the starting point of the validation curve
         start_time, start_step = time.perf_counter(), self.step
         while self.step < tc.max_steps:
@@ -227,12 +362,31 @@ class Trainer:
                                step_time_s=dt, eta_s=elapsed / max(done, 1) * (tc.max_steps - self.step))
                 self.loggers.log(self.step, metrics)
             last = metrics
+            self._stop_if_diverged()
+            if self.preempted:
+                saved = self.save()
+                self._say(f"SIGTERM: stopped after step {self.step}"
+                          + (f", checkpoint {saved}" if saved else "") + "; resume with trainer.resume=auto")
+                return last
             if tc.checkpoint_every and self.step % tc.checkpoint_every == 0 and self.step < tc.max_steps:
                 self.save()
         if start_step < tc.max_steps or not ckpt.find_latest(self.ckpt_dir):
             self.save()
-        self.loggers.close()
         if ctx.is_main:
             summary = {k: v for k, v in last.items() if isinstance(v, (int, float))}
             (self.run_dir / "summary.json").write_text(json.dumps({"step": self.step, **summary}, indent=1))
         return last
+
+
+def _differs(a, b) -> bool:
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        return list(a) != list(b) if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) else True
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return not math.isclose(float(a), float(b), rel_tol=1e-12, abs_tol=0.0)
+    return a != b
+
+
+def _fmt(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return "(" + ", ".join(_fmt(v) for v in value) + ")"
+    return f"{value:g}" if isinstance(value, float) else str(value)
