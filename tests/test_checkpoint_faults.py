@@ -187,6 +187,19 @@ def test_stale_or_corrupt_latest_pointer_is_ignored(tmp_path, capsys):
     assert find_latest(tmp_path, verify=True) == third
 
 
+def test_checkpoint_that_cannot_be_checked_is_skipped(tmp_path, capsys):
+    (older, newest), _ = save_steps(tmp_path, steps=(1, 2))
+    make_legacy(newest)
+    metadata = ckpt.read_metadata_safely(newest)
+    metadata.storage_data = {"model/dense.bias": object()}  # parses, but is not DCP storage info
+    real = ckpt.read_metadata_safely
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(ckpt, "read_metadata_safely", lambda path: metadata if Path(path) == newest else real(path))
+        assert verify_checkpoint(newest) == (f"{newest}: it cannot be checked (AttributeError: 'object' object has "
+                                             "no attribute 'relative_path')")
+        assert find_latest_valid(tmp_path) == older
+
+
 def test_incomplete_directory_does_not_verify(tmp_path):
     (path,), _ = save_steps(tmp_path, steps=(1,))
     (path / "COMPLETE").unlink()

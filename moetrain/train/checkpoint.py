@@ -693,7 +693,10 @@ def _verify(path: Path) -> str | None:
     """Collective core of `verify_checkpoint`: what is wrong with `path` (same on every rank), or None."""
 
     def check() -> tuple[str | None, tuple[int, str] | None]:
-        problem, files = _check_structure(path)
+        try:
+            problem, files = _check_structure(path)
+        except Exception as e:  # noqa: BLE001 - a checkpoint that cannot be checked is not intact
+            return f"it cannot be checked ({_describe(e)})", None
         if problem is not None:
             return problem, None
         world = dist.get_world_size() if _distributed() else 1
@@ -742,7 +745,7 @@ def _check_structure(path: Path) -> tuple[str | None, list[tuple[str, dict[str, 
         if meta.get("checksums"):
             return f"no checksums manifest: {CHECKSUMS_FILE} is missing", []
         return _check_named_files(path, metadata), []
-    for name in sorted({info.relative_path for info in metadata.storage_data.values()}):
+    for name in sorted({info.relative_path for info in (metadata.storage_data or {}).values()}):
         if name not in manifest:
             return f"{CHECKSUMS_FILE} does not list {name}, which {METADATA_FILE} names", []
     return None, [(n, e) for n, e in manifest.items() if n not in (METADATA_FILE, META_FILE)]
@@ -792,7 +795,7 @@ def _check_file(path: Path, name: str, expected: dict[str, int]) -> str | None:
 def _check_named_files(path: Path, metadata: Metadata) -> str | None:
     """For checkpoints without a manifest: every file `.metadata` names exists and holds the bytes it points at."""
     needed: dict[str, int] = {}
-    for info in metadata.storage_data.values():
+    for info in (metadata.storage_data or {}).values():
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
     for name, length in sorted(needed.items()):
         try:
