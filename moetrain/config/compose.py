@@ -40,23 +40,21 @@ def compose_dictconfig(overrides: Sequence[str] = (), config_name: str = "train"
             dcfg = compose(config_name=config_name, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException, ValueError) as e:
         raise ConfigError(describe_error(e)) from None
-    extra = next(unknown_keys(dcfg), None)
+    extra = next(unknown_keys(OmegaConf.to_container(dcfg, resolve=False)), None)
     if extra is not None:  # `+key=value` adds a key the schema lacks; it would be dropped without a word
         raise ConfigError(f"bad config or override: {unknown_key(extra)}")
     return dcfg
 
 
-def unknown_keys(node, prefix: str = "") -> Iterator[str]:
-    """Dotted keys of a composed config that the schema does not have."""
-    from omegaconf import DictConfig
-
+def unknown_keys(tree: dict, prefix: str = "") -> Iterator[str]:
+    """Dotted keys of a composed config (as a plain nested dict) that the schema does not have."""
     known = set(schema_keys())
-    for key in node.keys():
+    for key, value in tree.items():
         dotted = f"{prefix}{key}"
         if dotted not in known:
             yield dotted
-        elif isinstance(node._get_node(key), DictConfig):
-            yield from unknown_keys(node._get_node(key), f"{dotted}.")
+        elif isinstance(value, dict):
+            yield from unknown_keys(value, f"{dotted}.")
 
 
 def did_you_mean(name: str, candidates: Sequence[str]) -> Optional[str]:
