@@ -229,6 +229,25 @@ def test_resume_after_a_crash_never_logs_a_step_twice(tmp_path, cache_dir):
     assert losses(run) == full
 
 
+def test_resume_auto_falls_back_past_a_damaged_checkpoint(tmp_path, cache_dir, capsys):
+    run = tmp_path / "run"
+    args = overrides(run, cache_dir, "trainer.max_steps=8", "trainer.checkpoint_every=4", "trainer.keep_checkpoints=3")
+    assert train_main(args) == 0
+    full = losses(run)
+    shard = next((run / "checkpoints" / "step_00000008").glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in the middle of the newest checkpoint
+    shard.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert train_main(args) == 0
+    out, err = capsys.readouterr()
+    assert "skipping checkpoint" in err and "step_00000008" in err
+    assert "step_00000004 at step 4" in out
+    got = losses(run)
+    assert sorted(got) == list(range(1, 9))
+    assert got == full  # steps 5-8 replayed exactly from the intact step-4 checkpoint
+
+
 def _owners_and_degrees(run):
     rows = {r["step"]: r for r in read_metrics(run) if "loss" in r}
     return {s: (r["moe/layer0/owners"], r["moe/layer0/pipeline_degree"]) for s, r in rows.items()}

@@ -133,7 +133,8 @@ class Trainer:
         if rederived:
             self._say(f"resume: re-deriving {', '.join(rederived)} (saved under another layout)")
         extra = self._extra_state()
-        ckpt.load_checkpoint(path, self.model, self.optimizer, self.scheduler, extra=extra)
+        # resume=auto's search has just verified the checksums; an explicit path is verified while loading
+        ckpt.load_checkpoint(path, self.model, self.optimizer, self.scheduler, extra=extra, verify=resume != "auto")
         self.step = int(extra["step"].item())
         self.skipped_steps = int(state.get("skipped_steps", 0))
         torch.set_rng_state(extra["rng_cpu"])
