@@ -56,9 +56,9 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
         if print_cfg:
             print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
             return 0
+        validate(cfg, world_size)
         if cfg.trainer.dry_run:
             return _dry_run(cfg)
-        validate(cfg, world_size)
         return _train(cfg)
     except errors as e:
         return _fail("moetrain-train", str(e), rank)
@@ -77,17 +77,37 @@ def _dry_run(cfg) -> int:
 
 
 def _train(cfg) -> int:
+    """Train on this rank. On several ranks a heartbeat thread runs alongside; a collective that fails or times out
+    (a peer died or froze) prints one line naming the rank that stopped answering and exits with status 1 at once,
+    without waiting in process-group teardown, so that torchrun can restart the workers."""
+    import os
+    import signal
+    import threading
+
     import torch.distributed as dist
 
     from moetrain.parallel.mesh import env_world, init_parallel
+    from moetrain.parallel.watchdog import Heartbeat, is_collective_failure
     from moetrain.train.trainer import Trainer
 
     # FSSDP shards experts over every rank: its expert group is the whole world.
     ep = env_world()[1] if cfg.parallel.mode == "fssdp" else cfg.parallel.ep
-    ctx = init_parallel(ep, cfg.trainer.device, cfg.parallel.backend)
+    timeout_s = cfg.parallel.timeout_s
+    ctx = init_parallel(ep, cfg.trainer.device, cfg.parallel.backend, timeout_s)
+    heartbeat = Heartbeat(ctx.store, ctx.rank, ctx.world_size, timeout_s).start() if ctx.is_distributed else None
     try:
         Trainer(cfg, ctx).run()
+    except Exception as e:
+        if heartbeat is None or not is_collective_failure(e):
+            raise
+        if threading.current_thread() is threading.main_thread():  # no graceful stop is possible now:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a launcher's SIGTERM ends us at once
+        print(f"moetrain-train: error: {heartbeat.diagnose(e)}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)  # destroy_process_group could wait on the peer that stopped answering
     finally:
+        if heartbeat is not None:
+            heartbeat.stop()
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
