@@ -68,3 +68,16 @@ def lr_lambda(cfg: OptimConfig, max_steps: int):
 
 def build_scheduler(optimizer, cfg: OptimConfig, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, max_steps))
+
+
+def set_hyperparameters(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                        cfg: OptimConfig) -> None:
+    """Give an optimizer restored from a checkpoint the config's lr, betas, eps and weight decay (its moments and
+    step counts stay), and re-evaluate the schedule (built from this config) at the scheduler's current step."""
+    groups = optimizer.param_groups
+    for group, weight_decay in zip(groups, (cfg.weight_decay, 0.0)):  # the order of `param_groups`
+        group.update(initial_lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=weight_decay)
+    scheduler.base_lrs = [cfg.lr] * len(groups)
+    for group, factor in zip(groups, scheduler.lr_lambdas):
+        group["lr"] = cfg.lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in groups]

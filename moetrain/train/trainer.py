@@ -48,7 +48,7 @@ from moetrain.parallel.mesh import ParallelContext
 from moetrain.telemetry.loggers import build_loggers
 from moetrain.telemetry.routing_stats import RoutingWindow, layer_metrics
 from moetrain.train import checkpoint as ckpt
-from moetrain.train.optim import build_optimizer, build_scheduler
+from moetrain.train.optim import build_optimizer, build_scheduler, set_hyperparameters
 
 
 class TrainingDiverged(RuntimeError):
@@ -147,27 +147,18 @@ class Trainer:
         """After a resume the command line wins: the optimizer keeps the checkpoint's moments but takes lr, betas,
         eps and weight decay from the config, and the LR schedule is re-evaluated at the resumed step with the
         config's lr, warm-up, schedule and max_steps. One line lists what changed."""
-        o, groups = self.cfg.optim, self.optimizer.param_groups
-        wanted = [dict(initial_lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=wd)
-                  for wd in (o.weight_decay, 0.0)][:len(groups)]
-        changes = []
-        for key, label in (("initial_lr", "optim.lr"), ("betas", "optim.beta1/beta2"), ("eps", "optim.eps"),
-                           ("weight_decay", "optim.weight_decay")):
-            if key in groups[0] and _differs(groups[0][key], wanted[0][key]):
-                changes.append(f"{label} {_fmt(groups[0][key])} -> {_fmt(wanted[0][key])}")
+        o, saved = self.cfg.optim, self.optimizer.param_groups[0]  # the checkpoint's values, just loaded
+        changes = [f"{label} {_fmt(saved[key])} -> {_fmt(now)}" for key, label, now in (
+            ("initial_lr", "optim.lr", o.lr), ("betas", "optim.beta1/beta2", (o.beta1, o.beta2)),
+            ("eps", "optim.eps", o.eps), ("weight_decay", "optim.weight_decay", o.weight_decay))
+            if key in saved and _differs(saved[key], now)]
         saved_optim = state.get("optim", {})
-        for key in ("warmup_steps", "schedule", "min_lr_ratio"):
-            if key in saved_optim and _differs(saved_optim[key], getattr(o, key)):
-                changes.append(f"optim.{key} {_fmt(saved_optim[key])} -> {_fmt(getattr(o, key))}")
+        changes += [f"optim.{key} {_fmt(saved_optim[key])} -> {_fmt(getattr(o, key))}"
+                    for key in ("warmup_steps", "schedule", "min_lr_ratio")
+                    if key in saved_optim and _differs(saved_optim[key], getattr(o, key))]
         if "max_steps" in state and state["max_steps"] != self.cfg.trainer.max_steps:
             changes.append(f"trainer.max_steps {state['max_steps']} -> {self.cfg.trainer.max_steps}")
-        for group, values in zip(groups, wanted):
-            group.update(values)
-        sched = self.scheduler
-        sched.base_lrs = [g["initial_lr"] for g in groups]
-        for group, base, factor in zip(groups, sched.base_lrs, sched.lr_lambdas):
-            group["lr"] = base * factor(sched.last_epoch)
-        sched._last_lr = [g["lr"] for g in groups]
+        set_hyperparameters(self.optimizer, self.scheduler, o)
         if changes:
             self._say("resume: the command line overrides the checkpoint's " + ", ".join(changes)
                       + " (optimizer moments kept)")
