@@ -4,17 +4,37 @@ World W = dp * ep, laid out as a DeviceMesh of shape (dp, ep) with dims named ("
 their ep coordinate hold different experts (the expert-parallel group); ranks that differ only in their dp coordinate
 hold the same experts (the expert-data-parallel group, over which expert gradients are reduced). Dense parameters are
 data parallel over the whole world, and so is the data: every rank reads its own micro-batches.
+
+Every group (the world and each mesh dimension) gets the same collective timeout, `parallel.timeout_s`: a collective
+that waits longer raises on the waiting ranks (gloo applies it to each operation). torch would otherwise give the
+subgroups its 30-minute default whatever the world group has.
+
+Restarts under torchrun: the elastic agent keeps one TCPStore for the whole job and hands the workers of every restart
+the same MASTER_PORT, so the keys of the previous attempt (gloo's listening addresses of the dead workers, barrier
+counters) are still there when the new workers meet. A new worker can read a dead worker's address and connect to a
+port nobody listens on any more ("Connection refused") or wait for a connection that never comes (a hang until the
+timeout). `init_parallel` therefore builds the groups under a key prefix that is new for each start of the workers:
+rank 0 draws a random token, publishes it with the port of a small socket it listens on, and the other ranks accept a
+published token only once that socket answers with it, which a token left by a dead attempt cannot do.
+TORCHELASTIC_RESTART_COUNT would not do as the prefix: each agent counts its own restarts, so on several nodes the
+counts can differ.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
+import socket
+import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+ATTEMPT_KEY = "moetrain/attempt"  # in the agent's store: "<port> <token>" of the current start of the workers
 
 
 @dataclass
@@ -28,6 +48,7 @@ class ParallelContext:
     world_group: Optional[dist.ProcessGroup] = None
     ep_group: Optional[dist.ProcessGroup] = None
     edp_group: Optional[dist.ProcessGroup] = None
+    store: Optional[dist.Store] = None  # the default group's store (heartbeats live there)
 
     @property
     def dp(self) -> int:
@@ -55,22 +76,38 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def init_parallel(ep: int, device_request: str = "auto", backend: str = "auto") -> ParallelContext:
-    """Initialise the default process group (if WORLD_SIZE > 1) and the (dp, ep) mesh."""
+def init_parallel(ep: int, device_request: str = "auto", backend: str = "auto",
+                  timeout_s: float = 180.0) -> ParallelContext:
+    """Initialise the default process group (if WORLD_SIZE > 1) and the (dp, ep) mesh, every group with a collective
+    timeout of `timeout_s` seconds. Under torchrun's shared store the groups meet under a prefix of their own (see the
+    module docstring). An already initialised default group is kept; its timeout is set to `timeout_s` too."""
     rank, world_size, local_rank = env_world()
     device = resolve_device(device_request, local_rank)
     ctx = ParallelContext(rank=rank, world_size=world_size, local_rank=local_rank, ep=ep, device=device)
     if world_size == 1 and not dist.is_initialized():
         return ctx
+    timeout = timedelta(seconds=timeout_s)
     if not dist.is_initialized():
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(minutes=10),
-                                device_id=device if device.type == "cuda" else None)
-    return build_groups(ctx)
+        device_id = device if device.type == "cuda" else None
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True):
+            store, probe = attempt_store(rank, timeout)
+            try:
+                dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
+                                        device_id=device_id)
+                dist.barrier()  # every rank has accepted the prefix: rank 0's probe is no longer needed
+            finally:
+                if probe is not None:
+                    probe.close()
+        else:
+            dist.init_process_group(backend, timeout=timeout, device_id=device_id)
+    return build_groups(ctx, timeout)
 
 
-def build_groups(ctx: ParallelContext) -> ParallelContext:
+def build_groups(ctx: ParallelContext, timeout: Optional[timedelta] = None) -> ParallelContext:
+    """Fill in ranks, the (dp, ep) mesh and its groups from the initialised default group; with `timeout`, every
+    group (world, ep, dp) gets it as its collective timeout."""
     from torch.distributed.device_mesh import init_device_mesh
 
     ctx.rank, ctx.world_size = dist.get_rank(), dist.get_world_size()
@@ -79,4 +116,81 @@ def build_groups(ctx: ParallelContext) -> ParallelContext:
     ctx.world_group = dist.group.WORLD
     ctx.ep_group = mesh["ep"].get_group()
     ctx.edp_group = mesh["dp"].get_group()
+    ctx.store = dist.distributed_c10d._get_default_store()
+    if timeout is not None:
+        # new_group (used by DeviceMesh) gives subgroups torch's backend default, not the default group's timeout.
+        for group in {ctx.world_group, ctx.ep_group, ctx.edp_group}:
+            dist.distributed_c10d._set_pg_timeout(timeout, group)
     return ctx
+
+
+def group_timeout(group: dist.ProcessGroup, device: torch.device = torch.device("cpu")) -> timedelta:
+    """The collective timeout `group` runs with on `device`'s backend."""
+    return group._get_backend(device).options._timeout
+
+
+# ---------------------------------------------------------------------------------------- a fresh prefix per attempt
+
+
+class _Probe:
+    """Rank 0's proof of life for its token: a listening socket that answers every connection with the token."""
+
+    def __init__(self, host: str, token: str):
+        family = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0][0]
+        self.sock = socket.create_server((host, 0), family=family)
+        self.port = self.sock.getsockname()[1]
+        self.token = token.encode()
+        threading.Thread(target=self._serve, name="moetrain-attempt-probe", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # closed
+                return
+            with conn:
+                try:
+                    conn.sendall(self.token)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _ask(host: str, port: int, n: int) -> bytes:
+    """Up to `n` bytes from whoever listens on host:port, or b"" when nobody answers."""
+    try:
+        with socket.create_connection((host, port), timeout=5) as conn:
+            data = b""
+            while len(data) < n:
+                chunk = conn.recv(n - len(data))
+                if not chunk:
+                    break
+                data += chunk
+            return data
+    except OSError:
+        return b""
+
+
+def attempt_store(rank: int, timeout: timedelta) -> tuple[dist.Store, Optional[_Probe]]:
+    """A client of torchrun's shared store (MASTER_ADDR:MASTER_PORT) whose keys live under a prefix that is new for
+    this start of the workers, and, on rank 0, the probe that proves the prefix current (close it once every rank
+    is in the default group: each has accepted the prefix by then). Raises DistStoreError after `timeout` without one."""
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    store = dist.TCPStore(host, port, is_master=False, timeout=timeout)
+    probe = None
+    if rank == 0:
+        token = secrets.token_hex(8)
+        probe = _Probe(host, token)
+        store.set(ATTEMPT_KEY, f"{probe.port} {token}")
+    else:
+        deadline = time.monotonic() + timeout.total_seconds()
+        while True:
+            probe_port, token = store.get(ATTEMPT_KEY).decode().split()  # waits for the key (store timeout)
+            if _ask(host, int(probe_port), len(token)) == token.encode():
+                break
+            if time.monotonic() > deadline:
+                raise dist.DistStoreError(f"rank 0 did not publish a live attempt token within {timeout}")
+            time.sleep(0.1)  # a token left by a dead attempt: wait for rank 0 of this one
+    return dist.PrefixStore(f"moetrain/{token}/", store), probe
