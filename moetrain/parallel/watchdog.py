@@ -13,6 +13,7 @@ exact on one node and as good as the clock sync between nodes.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from datetime import timedelta
@@ -23,6 +24,7 @@ import torch.distributed as dist
 KEY = "moetrain/heartbeat/{rank}"
 MAX_INTERVAL_S = 5.0
 MIN_INTERVAL_S = 0.1
+_TORCH_DISTRIBUTED = os.path.join("torch", "distributed", "")
 STORE_TIMEOUT_S = 5.0  # a heartbeat write or read that waits longer gives up (the store itself stopped answering)
 
 
@@ -32,15 +34,27 @@ def heartbeat_interval(timeout_s: float) -> float:
 
 
 def is_collective_failure(exc: BaseException) -> bool:
-    """Whether `exc` (or an exception it was raised from) is a failed or timed-out collective or store operation."""
+    """Whether `exc` (or an exception it was raised from) is a failed or timed-out collective or store operation:
+    a DistError, a gloo error, or a RuntimeError raised inside torch.distributed (gloo's follow-up errors, such as
+    "Application timeout caused pair closure", name neither gloo nor a type of their own)."""
     seen: set[int] = set()
     e: Optional[BaseException] = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and "gloo" in str(e).lower()):
+        if isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and (
+                "gloo" in str(e).lower() or _raised_in_torch_distributed(e))):
             return True
         e = e.__cause__ or e.__context__
     return False
+
+
+def _raised_in_torch_distributed(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return _TORCH_DISTRIBUTED in os.path.normpath(tb.tb_frame.f_code.co_filename)
 
 
 def _summary(exc: BaseException) -> str:
