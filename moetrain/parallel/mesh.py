@@ -137,7 +137,10 @@ class _Probe:
 
     def __init__(self, host: str, token: str):
         family = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0][0]
-        self.sock = socket.create_server((host, 0), family=family)
+        try:
+            self.sock = socket.create_server((host, 0), family=family)
+        except OSError:  # MASTER_ADDR names this host by an address it cannot bind: listen on all of them
+            self.sock = socket.create_server(("", 0), family=family)
         self.port = self.sock.getsockname()[1]
         self.token = token.encode()
         threading.Thread(target=self._serve, name="moetrain-attempt-probe", daemon=True).start()
