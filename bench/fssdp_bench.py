@@ -102,18 +102,18 @@ class Mode:
         x = self.x.clone().requires_grad_()
         dist.barrier()
         t0 = time.perf_counter()
-        y = layer(x[None]).squeeze(0)
-        y.backward(self.dy)
+        y, record = layer(x[None], return_record=True)
+        y.squeeze(0).backward(self.dy)
         elapsed = torch.tensor([time.perf_counter() - t0])
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the step waits for the slowest rank
-        counts = layer.stats.tokens_per_expert_E.double()
+        counts = record.tokens_per_expert_E.double()
         dist.all_reduce(counts)
         if state is not None:  # what the trainer does after every step: observe the load, place the next step
             state.after_step(i + 1, counts, list(layer.experts.parameters()), None)
         if not measure:
             return
         self.times.append(elapsed.item())
-        self.rows.append(layer.stats.tokens_per_local_expert_L.sum().item())
+        self.rows.append(record.tokens_per_local_expert_L.sum().item())
         plan = self.plans[-1]
         sent_rows = sum(n for w, n in enumerate(plan.send_splits) if w != self.rank)
         self.bytes_a2a.append(4 * sent_rows * args.dim * 4)  # dispatch + combine, forward + backward, fp32

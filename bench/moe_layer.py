@@ -190,11 +190,14 @@ def rank_body(rank: int, world: int, args) -> dict:
         record("dense", dense_step)
         del w1, w2, w3, x_RD, dy_RD
 
+    last_record = {}  # the routing record of the latest step of ours
+
     def ours_step_fn(layer, x):
         def step():
             layer.zero_grad(set_to_none=True)
             xg = x.detach().requires_grad_()
-            layer(xg[None]).backward(dy_TD[None])
+            y, last_record["ours"] = layer(xg[None], return_record=True)
+            y.backward(dy_TD[None])
         return step
 
     learned_layer = None
@@ -206,7 +209,7 @@ def rank_body(rank: int, world: int, args) -> dict:
                 learned_layer = layer
             if name in args.impls:
                 record(name, ours_step_fn(layer, x_TD))
-                counts = layer.stats.tokens_per_local_expert_L
+                counts = last_record["ours"].tokens_per_local_expert_L
                 res["notes"][name] = {"rows_per_local_expert_min_max": [int(counts.min()), int(counts.max())]}
                 if args.profile and rank == 0:
                     from torch.profiler import ProfilerActivity, profile

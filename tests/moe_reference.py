@@ -27,14 +27,15 @@ def global_inputs(T, D, seed=42):
 def run_layer(layer, x_TD, dy_TD, bias=None):
     """Forward one MoE layer on x_TD (optionally with a forced router bias), backward sum(y * dy).
 
-    Returns (y, dx, parameter gradients, routing stats, weights_alive): weights_alive tells whether FSSDP's gathered
+    Returns (y, dx, parameter gradients, routing record, weights_alive): weights_alive tells whether FSSDP's gathered
     expert weights were still alive after the forward (None when nothing was gathered)."""
     if bias is not None:
         layer.router.expert_bias_E.copy_(torch.tensor(bias))
     x = x_TD.clone().requires_grad_()
-    y = layer(x[None]).squeeze(0)
+    y, record = layer(x[None], return_record=True)
+    y = y.squeeze(0)
     ref = getattr(layer.experts, "last_materialized", None)
     weights_alive = None if ref is None else ref() is not None
     (y * dy_TD).sum().backward()
     grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
-    return y.detach(), x.grad, grads, layer.stats, weights_alive
+    return y.detach(), x.grad, grads, record, weights_alive

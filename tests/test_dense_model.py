@@ -5,6 +5,7 @@ process, data parallel over two ranks (matching one process), evaluation, loggin
 """
 
 import pytest
+import torch
 
 from moetrain.cli import train_main
 from moetrain.config.compose import compose_config
@@ -28,7 +29,8 @@ def test_dense_variants_build_without_moe_layers(extra):
     cfg = compose_config(SMALL + list(extra))
     model = TransformerLM(cfg.model, cfg.router)
     assert list(model.moe_layers()) == []
-    assert model.aux_loss() is None
+    logits, records = model(torch.zeros(1, 4, dtype=torch.long), return_records=True)
+    assert records == [] and logits.shape == (1, 4, cfg.model.vocab_size)
     counts = count_parameters(cfg.model, cfg.router)
     assert counts["total"] == counts["active"]  # every parameter is used by every token
 

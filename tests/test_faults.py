@@ -69,7 +69,7 @@ def test_learning_rate_blowup_stops_without_losing_the_healthy_checkpoint(tmp_pa
 
 
 class _PoisonOnce:
-    """A forward hook that turns the model's output into NaN for one training step on one rank."""
+    """A forward hook that turns the logits into NaN for one training step on one rank."""
 
     def __init__(self, trainer: Trainer, step: int, rank: int):
         self.trainer, self.step, self.rank = trainer, step, rank
@@ -82,7 +82,7 @@ class _PoisonOnce:
 
 def _one_bad_step_body(rank, world_size, args, bad_step, bad_rank):
     trainer = _trainer(args, world_size)
-    trainer.model.register_forward_hook(_PoisonOnce(trainer, bad_step, bad_rank))
+    trainer.model.output.register_forward_hook(_PoisonOnce(trainer, bad_step, bad_rank))
     snapshots = {}
     original = trainer.train_step
 

@@ -132,11 +132,11 @@ def fssdp_layer_body(rank, world, E, K, tokens, bias, load, budget, remat):
     x, dy = global_inputs(tokens * world, D)
     sl = slice(rank * tokens, (rank + 1) * tokens)
     gc.collect()
-    y, dx, grads, _, alive = run_layer(layer, x[sl], dy[sl], bias)
+    y, dx, grads, record, alive = run_layer(layer, x[sl], dy[sl], bias)
     return dict(y=y, dx=dx, grads=grads, owned=list(layer.experts.expert_ids), alive=alive,
                 replicas=state.placement.replicas,
                 materialized=state.placement.materialized(rank),
-                computed=layer.stats.tokens_per_local_expert_L.sum().item())
+                computed=record.tokens_per_local_expert_L.sum().item())
 
 
 SKEW = [0.0, -9.0, -9.0, -9.0, 0.0, -9.0, -9.0, -9.0]  # experts 0 and 4 take every token
@@ -182,8 +182,8 @@ def fssdp_capacity_body(rank, world, tokens, load, capacity_factor, pad):
     state.placement = place_replicas(state.owners, load, world, 2)
     x, dy = global_inputs(tokens * world, D)
     sl = slice(rank * tokens, (rank + 1) * tokens)
-    y, dx, grads, _, _ = run_layer(layer, x[sl], dy[sl], SKEW)
-    return dict(y=y, dx=dx, grads=grads, owned=list(layer.experts.expert_ids), dropped=layer.stats.num_dropped)
+    y, dx, grads, record, _ = run_layer(layer, x[sl], dy[sl], SKEW)
+    return dict(y=y, dx=dx, grads=grads, owned=list(layer.experts.expert_ids), dropped=record.num_dropped)
 
 
 @pytest.mark.parametrize("pad", [False, True])

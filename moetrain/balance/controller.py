@@ -2,8 +2,10 @@
 
 Legend: E experts, L local experts, W world size, N MoE layers.
 
-After the backward pass of the last micro-batch and before the optimizer step:
-    c_NE = sum over micro-batches of each router's tokens_per_expert_E, all-reduced over all ranks (one collective)
+Each training forward returns one RoutingRecord per MoE layer; `observe` accumulates them (a recomputation in
+backward returns its records to nobody, so nothing is counted twice). After the backward pass of the last micro-batch
+and before the optimizer step:
+    c_NE = sum over micro-batches of each layer's tokens_per_expert_E, all-reduced over all ranks (one collective)
     b_E += u_s * sign(mean(c_E) - c_E)            per layer (balance/bias.py), u_s = bias_update_rate until
                                                   bias_update_stop_frac * max_steps, then 0
 The counts are also what the routing metrics (MaxVio etc.) are computed from, so telemetry costs no extra collective
@@ -12,8 +14,7 @@ except the per-rank compute load, gathered on logging steps only.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -21,29 +22,21 @@ from torch import nn
 
 from moetrain.balance.bias import bias_rate_at, bias_update_
 from moetrain.config.schema import RouterConfig
-from moetrain.moe.layer import MoELayer
+from moetrain.moe.layer import MoELayer, RoutingRecord
 from moetrain.parallel.mesh import ParallelContext
-
-
-@contextmanager
-def router_counting(model: nn.Module, enabled: bool) -> Iterator[None]:
-    """Turn token counting on or off in every router (off during backward, so recomputation counts nothing)."""
-    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
-    previous = [m.router.counting for m in layers]
-    for m in layers:
-        m.router.counting = enabled
-    try:
-        yield
-    finally:
-        for m, prev in zip(layers, previous):
-            m.router.counting = prev
 
 
 class BalanceController:
     def __init__(self, model: nn.Module, router_cfg: RouterConfig, max_steps: int, ctx: ParallelContext):
         self.layers = [m for m in model.modules() if isinstance(m, MoELayer)]
         self.cfg, self.max_steps, self.ctx = router_cfg, max_steps, ctx
+        self._index = {m.layer_id: i for i, m in enumerate(self.layers)}
+        self._reset_counts()
         self._reset_accumulators()
+
+    def _reset_counts(self) -> None:
+        self._counts_NE = [torch.zeros(m.num_experts, dtype=torch.float32, device=m.router.expert_bias_E.device)
+                           for m in self.layers]
 
     def _reset_accumulators(self) -> None:
         n = len(self.layers)
@@ -51,15 +44,16 @@ class BalanceController:
         self._dropped, self._copies, self._tokens = [0] * n, [0] * n, [0] * n
         self._entropy = [0.0] * n
 
-    def after_forward(self) -> None:
-        """Accumulate per-micro-batch statistics that are not kept by the routers themselves."""
-        for i, m in enumerate(self.layers):
-            if m.stats is not None:
-                self._rows_computed[i] += m.stats.tokens_per_local_expert_L.sum().double().cpu()
-                self._dropped[i] += m.stats.num_dropped
-                self._copies[i] += m.stats.num_copies
-                self._entropy[i] += float(m.stats.entropy_sum)
-                self._tokens[i] += m.stats.num_copies // m.router_cfg.top_k
+    def observe(self, records: Sequence[RoutingRecord]) -> None:
+        """Accumulate the routing records of one training micro-batch."""
+        for record in records:
+            i = self._index[record.layer_id]
+            self._counts_NE[i] += record.tokens_per_expert_E.detach()
+            self._rows_computed[i] += record.tokens_per_local_expert_L.sum().double().cpu()
+            self._dropped[i] += record.num_dropped
+            self._copies[i] += record.num_copies
+            self._entropy[i] += float(record.entropy_sum)
+            self._tokens[i] += record.num_tokens
 
     @torch.no_grad()
     def step(self, step: int, update_bias: bool = True) -> torch.Tensor:
@@ -67,14 +61,14 @@ class BalanceController:
         non-finite step), reset the counters. Returns counts_NE."""
         if not self.layers:
             return torch.zeros(0, 0)
-        counts_NE = torch.stack([m.router.tokens_per_expert_E for m in self.layers])
+        counts_NE = torch.stack(self._counts_NE)
         if self.ctx.is_distributed:
             dist.all_reduce(counts_NE, group=self.ctx.world_group)
         rate = bias_rate_at(step, self.max_steps, self.cfg.bias_update_rate, self.cfg.bias_update_stop_frac)
         for m, counts_E in zip(self.layers, counts_NE):
             if update_bias and rate > 0 and not self.cfg.force_balanced:
                 bias_update_(m.router.expert_bias_E, counts_E, rate, self.cfg.bias_update_center)
-            m.router.tokens_per_expert_E.zero_()
+        self._reset_counts()
         return counts_NE
 
     @torch.no_grad()

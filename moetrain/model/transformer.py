@@ -69,9 +69,13 @@ class Block(nn.Module):
         else:
             self.ffn = SwiGLU(cfg.dim, cfg.ffn_hidden)
 
-    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """(x_BSD, the MoE layer's RoutingRecord or None for a dense block)."""
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin)
-        return x_BSD + self.ffn(self.ffn_norm(x_BSD))
+        if isinstance(self.ffn, MoELayer):
+            y_BSD, record = self.ffn(self.ffn_norm(x_BSD), return_record=True)
+            return x_BSD + y_BSD, record
+        return x_BSD + self.ffn(self.ffn_norm(x_BSD)), None
 
 
 class TransformerLM(nn.Module):
@@ -112,23 +116,23 @@ class TransformerLM(nn.Module):
             nn.init.trunc_normal_(self.output.weight, std=std, a=-3 * std, b=3 * std)
         torch.random.set_rng_state(cpu_rng)
 
-    def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
-        """Logits (B, S, V) in fp32; a malformed batch raises a one-line ValueError (see `check_tokens`)."""
+    def forward(self, tokens_BS: torch.Tensor, return_records: bool = False):
+        """Logits (B, S, V) in fp32, or (logits, [RoutingRecord of each MoE layer]) with return_records; a malformed
+        batch raises a one-line ValueError (see `check_tokens`)."""
         check_tokens(tokens_BS, self.cfg)
         S = tokens_BS.shape[1]
         cos, sin = rope_cos_sin(S, self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta, tokens_BS.device)
         h_BSD = self.tok_embeddings(tokens_BS)
+        records = []
         for block in self.layers:
             if self.activation_checkpointing and torch.is_grad_enabled():
-                h_BSD = checkpoint(block, h_BSD, cos, sin, use_reentrant=False)
+                h_BSD, record = checkpoint(block, h_BSD, cos, sin, use_reentrant=False)
             else:
-                h_BSD = block(h_BSD, cos, sin)
-        return self.output(self.norm(h_BSD)).float()
-
-    def aux_loss(self) -> Optional[torch.Tensor]:
-        """Sum of the router losses of the last forward (None when no router loss is configured)."""
-        terms = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
-        return torch.stack(terms).sum() if terms else None
+                h_BSD, record = block(h_BSD, cos, sin)
+            if record is not None:
+                records.append(record)
+        logits_BSV = self.output(self.norm(h_BSD)).float()
+        return (logits_BSV, records) if return_records else logits_BSV
 
 
 def count_parameters(cfg: ModelConfig, router_cfg: RouterConfig) -> dict[str, int]:

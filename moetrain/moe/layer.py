@@ -7,8 +7,9 @@ Legend: B batch, S sequence, T = B*S tokens on this rank, D model dim, F expert 
 The shared experts run between dispatch_comm and dispatch_postprocess, i.e. while the tokens are in flight. With a
 pipeline degree n > 1 the all-to-all travels in n chunks (each a slice of every rank's experts): all chunks are sent
 at once, then chunk c is computed and its combine sent while the later chunks are still arriving.
-After each forward the layer keeps `aux_loss` (the sum of the configured router losses, a 0-dim tensor) and `stats`
-(routing counts of this micro-batch, detached) for the trainer and the telemetry.
+`layer(x, return_record=True)` also returns the forward's `RoutingRecord` (counts, router losses, statistics): the
+caller owns it, nothing is left on the module. Activation recomputation in backward therefore counts nothing twice:
+the recomputed record is simply not returned to anyone.
 """
 
 from __future__ import annotations
@@ -32,12 +33,22 @@ from moetrain.parallel.pipeline import DegreeTuner, clock_start, clock_stop, ela
 
 
 @dataclass
-class MoEStats:
-    tokens_per_expert_E: torch.Tensor  # routed copies chosen per expert (before capacity), this micro-batch
+class RoutingRecord:
+    """What one forward of an MoE layer decided and measured, for the balance controller and the telemetry."""
+
+    layer_id: int
+    tokens_per_expert_E: torch.Tensor  # fp32 routed copies chosen per expert (before capacity), this micro-batch
     tokens_per_local_expert_L: torch.Tensor  # rows this rank's experts computed
-    num_dropped: int
+    num_tokens: int
     num_copies: int
+    num_dropped: int
     entropy_sum: torch.Tensor  # sum over tokens of the routing entropy -sum_e p log p (p = normalised scores)
+    losses: dict[str, torch.Tensor]  # each configured router loss (with its graph)
+
+    @property
+    def loss(self) -> Optional[torch.Tensor]:
+        """The sum of the router losses, None when none is configured."""
+        return sum(self.losses.values()) if self.losses else None
 
 
 class MoELayer(nn.Module):
@@ -77,9 +88,6 @@ class MoELayer(nn.Module):
             if communicates and pipeline_degree == "auto" else None
         self._fixed_degree = int(pipeline_degree) if communicates and pipeline_degree != "auto" else 1
         self._timings: list = []  # (start, stop, tokens) of this step's measured training forwards
-        self.aux_loss: Optional[torch.Tensor] = None
-        self.aux_terms: dict[str, torch.Tensor] = {}  # each configured router loss of the last forward
-        self.stats: Optional[MoEStats] = None
 
     def reset_parameters(self, init_std: float, out_std: float, seed: int) -> None:
         self.router.reset_parameters(init_std)
@@ -92,12 +100,15 @@ class MoELayer(nn.Module):
         """Pipeline chunks used by this step's forwards."""
         return self.tuner.degree if self.tuner is not None else self._fixed_degree
 
-    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, return_record: bool = False):
+        """y_BSD, or (y_BSD, RoutingRecord) with return_record."""
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
         routed = self.router(x_TD)
         d = self.dispatcher
-        measure = self.tuner is not None and self.router.counting and torch.is_grad_enabled()
+        # Time training forwards for the degree tuner, not their recomputation inside backward.
+        measure = (self.tuner is not None and self.training and torch.is_grad_enabled()
+                   and torch._C._current_graph_task_id() == -1)
         start = clock_start(x_TD.device) if measure else None
         plan = d.plan(routed.topk_idx_TK, routed.gates_TK, self.degree)
         x_RD = d.dispatch_preprocess(x_TD, plan)
@@ -118,15 +129,34 @@ class MoELayer(nn.Module):
             self._timings.append((start, clock_stop(start), B * S))
         tokens_per_local_expert_L = counts[0] if len(counts) == 1 else torch.cat(counts)
 
-        counts_E = torch.bincount(routed.topk_idx_TK.flatten(), minlength=self.num_experts)
+        y_BSD = y_TD.view(B, S, D)
+        if not return_record:
+            return y_BSD
         with torch.no_grad():
             p_TE = routed.scores_TE / routed.scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
             entropy_sum = -(p_TE * p_TE.clamp_min(1e-20).log()).sum()
-        self.stats = MoEStats(counts_E, tokens_per_local_expert_L.detach(), plan.num_dropped,
-                              routed.topk_idx_TK.numel(), entropy_sum)
-        self.aux_terms = self._router_losses(routed, counts_E, B, S)
-        self.aux_loss = sum(self.aux_terms.values()) if self.aux_terms else None
-        return y_TD.view(B, S, D)
+        record = RoutingRecord(self.layer_id, routed.tokens_per_expert_E, tokens_per_local_expert_L.detach(), B * S,
+                               routed.topk_idx_TK.numel(), plan.num_dropped, entropy_sum,
+                               self._router_losses(routed, routed.tokens_per_expert_E, B, S))
+        return y_BSD, record
+
+    def after_step(self, step: int, global_tokens_per_expert_E: torch.Tensor,
+                   optimizer: Optional[torch.optim.Optimizer]) -> None:
+        """After each optimizer step (every rank, same order), with the step's global counts: tune the pipeline
+        degree and, under FSSDP, update the load window, re-shard when due and place the next step's replicas."""
+        self.end_step(global_tokens_per_expert_E)
+        if self.fssdp_state is not None:
+            self.fssdp_state.after_step(step, global_tokens_per_expert_E, list(self.experts.parameters()), optimizer)
+
+    def step_metrics(self) -> dict:
+        """Per-layer parallel telemetry since the last call (FSSDP replicas, owners, SparseAllGather volume)."""
+        if self.fssdp_state is None:
+            return {}
+        state, prefix = self.fssdp_state, f"moe/layer{self.layer_id}"
+        metrics = {f"{prefix}/replicas": state.placement.num_replicas(), f"{prefix}/owners": list(state.owners),
+                   f"{prefix}/spag_bytes_rank0": state.bytes_gathered}
+        state.bytes_gathered = 0
+        return metrics
 
     def end_step(self, global_tokens_per_expert_E: Optional[torch.Tensor] = None) -> None:
         """After each optimizer step (every rank, same order): feed the step's timings to the degree tuner."""

@@ -12,9 +12,8 @@ biased scores; only the experts of the best `topk_groups` groups stay eligible.
 
 Forced-balanced routing (benchmarking): token t picks experts (t*K + k) mod E, so every expert gets T*K/E copies.
 
-The router also accumulates `tokens_per_expert_E` (routed copies per expert since the last bias update) for the
-balance controller. Counting happens only while `counting` is on; the trainer turns it off during backward so that
-activation recomputation does not count a micro-batch twice.
+The router counts its decision once, `tokens_per_expert_E` (routed copies per expert, fp32); the layer, its losses
+and the balance controller all use that count.
 """
 
 from __future__ import annotations
@@ -33,6 +32,7 @@ class RouterOutput:
     gates_TK: torch.Tensor  # fp32 combine weights
     scores_TE: torch.Tensor  # fp32 scores (softmax probs or sigmoid)
     logits_TE: torch.Tensor  # fp32 raw logits
+    tokens_per_expert_E: torch.Tensor  # fp32 routed copies per expert (bincount of topk_idx_TK)
 
 
 class Router(nn.Module):
@@ -41,13 +41,10 @@ class Router(nn.Module):
         self.num_experts, self.cfg = num_experts, cfg
         self.gate = nn.Linear(dim, num_experts, bias=False)
         self.register_buffer("expert_bias_E", torch.zeros(num_experts, dtype=torch.float32))
-        self.register_buffer("tokens_per_expert_E", torch.zeros(num_experts, dtype=torch.float32), persistent=False)
-        self.counting = True
 
     def reset_parameters(self, init_std: float) -> None:
         nn.init.trunc_normal_(self.gate.weight, std=init_std, a=-3 * init_std, b=3 * init_std)
         self.expert_bias_E.zero_()
-        self.tokens_per_expert_E.zero_()
 
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
         cfg, E, K = self.cfg, self.num_experts, self.cfg.top_k
@@ -66,9 +63,8 @@ class Router(nn.Module):
             gates_TK = gates_TK / gates_TK.sum(-1, keepdim=True).clamp_min(1e-20)
         if cfg.route_scale != 1.0:
             gates_TK = gates_TK * cfg.route_scale
-        if self.counting:
-            self.tokens_per_expert_E += torch.bincount(topk_idx_TK.flatten(), minlength=E).float()
-        return RouterOutput(topk_idx_TK, gates_TK, scores_TE, logits_TE)
+        tokens_per_expert_E = torch.bincount(topk_idx_TK.flatten(), minlength=E).float()
+        return RouterOutput(topk_idx_TK, gates_TK, scores_TE, logits_TE, tokens_per_expert_E)
 
 
 def select_topk(biased_TE: torch.Tensor, k: int, num_groups: int = 1, topk_groups: int = 1) -> torch.Tensor:

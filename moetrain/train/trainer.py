@@ -39,7 +39,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from moetrain.balance.controller import BalanceController, router_counting
+from moetrain.balance.controller import BalanceController
 from moetrain.config.schema import TrainConfig
 from moetrain.data.loader import build_loader
 from moetrain.model.transformer import TransformerLM
@@ -191,22 +191,21 @@ class Trainer:
             inputs_BS, targets_BS = self.loader.train_batch(self.step, micro)
             inputs_BS, targets_BS = inputs_BS.to(self.ctx.device), targets_BS.to(self.ctx.device)
             t1 = self._now()
-            with router_counting(model, True), self.autocast:
-                logits_BSV = model(inputs_BS)
+            with self.autocast:
+                logits_BSV, records = model(inputs_BS, return_records=True)
                 lm_loss = F.cross_entropy(logits_BSV.flatten(0, 1), targets_BS.flatten())
-                aux = model.aux_loss()
-            self.balance.after_forward()
-            loss = lm_loss if aux is None else lm_loss + aux
+            self.balance.observe(records)
+            router_losses = [r.loss for r in records if r.loss is not None]
+            loss = lm_loss + sum(router_losses) if router_losses else lm_loss
             t2 = self._now()
-            with router_counting(model, False):
-                (loss / accum).backward()
+            (loss / accum).backward()
             t3 = self._now()
             times["data"] += t1 - t0
             times["forward"] += t2 - t1
             times["backward"] += t3 - t2
             lm_total += lm_loss.item()
-            for layer in self.balance.layers:
-                for name, term in layer.aux_terms.items():
+            for record in records:
+                for name, term in record.losses.items():
                     aux_totals[name] = aux_totals.get(name, 0.0) + term.item()
         t0 = self._now()
         if not self.fsdp:
@@ -228,9 +227,7 @@ class Trainer:
         self._count_health(healthy, reduced[0], grad_norm)
         self.step_degrees = [layer.degree for layer in self.balance.layers]  # the degrees this step ran with
         for layer, counts_E in zip(self.balance.layers, self.counts_NE):
-            layer.end_step(counts_E)  # pipeline degree tuning
-            if layer.fssdp_state is not None:  # next placement (and periodic re-sharding) from this step's load
-                layer.fssdp_state.after_step(self.step, counts_E, list(layer.experts.parameters()), self.optimizer)
+            layer.after_step(self.step, counts_E, self.optimizer)  # degree tuning; FSSDP placement and re-sharding
         times["grad_sync"], times["optimizer"] = t1 - t0, self._now() - t1
         metrics = {"loss": reduced[0], "aux_loss": sum(reduced[1:]), "grad_norm": grad_norm,
                    "skipped_steps": self.skipped_steps}
@@ -272,7 +269,7 @@ class Trainer:
             return {}
         self.model.eval()
         total, n = 0.0, 0
-        with router_counting(self.model, False), self.autocast:
+        with self.autocast:
             for inputs_BS, targets_BS in self.loader.val_batches(self.cfg.trainer.eval_batches):
                 logits = self.model(inputs_BS.to(self.ctx.device))
                 total += F.cross_entropy(logits.flatten(0, 1), targets_BS.to(self.ctx.device).flatten()).item()
@@ -299,11 +296,7 @@ class Trainer:
             metrics[f"moe/layer{m.layer_id}/pipeline_degree"] = self.step_degrees[i]
         metrics.update(self.window.summary())
         for m in self.balance.layers:
-            if m.fssdp_state is not None:
-                metrics[f"moe/layer{m.layer_id}/replicas"] = m.fssdp_state.placement.num_replicas()
-                metrics[f"moe/layer{m.layer_id}/owners"] = list(m.fssdp_state.owners)
-                metrics[f"moe/layer{m.layer_id}/spag_bytes_rank0"] = m.fssdp_state.bytes_gathered
-                m.fssdp_state.bytes_gathered = 0
+            metrics.update(m.step_metrics())
         return metrics
 
     def run(self) -> dict[str, float]:
