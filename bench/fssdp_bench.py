@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from moetrain.config.schema import FSSDPConfig, RouterConfig  # noqa: E402
 from moetrain.moe.layer import MoELayer  # noqa: E402
+from moetrain.parallel.moe_layer import build_moe_layer  # noqa: E402
 from moetrain.moe.router import RouterOutput  # noqa: E402
 from moetrain.utils.local_ranks import run_distributed  # noqa: E402
 
@@ -50,7 +51,7 @@ def synthetic_router(layer: MoELayer, topk_source):
         topk = topk_source(x_TD.shape[0])
         gates = scores.gather(1, topk)
         gates = gates / gates.sum(-1, keepdim=True)
-        return RouterOutput(topk, gates, scores, logits)
+        return RouterOutput(topk, gates, scores, logits, torch.bincount(topk.flatten(), minlength=scores.shape[1]).float())
 
     router.forward = forward
 
@@ -69,8 +70,8 @@ def capture_plans(layer: MoELayer, sink: list):
 def build(args, fssdp: bool) -> MoELayer:
     torch.manual_seed(0)
     cfg = FSSDPConfig(budget=args.budget, rematerialize=args.rematerialize, window=4) if fssdp else None
-    layer = MoELayer(args.dim, args.hidden, args.experts, 0, RouterConfig(top_k=args.top_k), layer_id=1,
-                     ep_group=dist.group.WORLD, fssdp=cfg)
+    layer = build_moe_layer(args.dim, args.hidden, args.experts, 0, RouterConfig(top_k=args.top_k), layer_id=1,
+                            ep_group=dist.group.WORLD, fssdp=cfg)
     torch.manual_seed(1)
     layer.reset_parameters(0.02, 0.02, seed=0)
     return layer
@@ -96,7 +97,7 @@ class Mode:
         layer, args = self.layer, self.args
         self.iteration = i
         layer.zero_grad(set_to_none=True)
-        state = layer.fssdp_state
+        state = getattr(layer.experts, "state", None)
         if state is not None:
             state.bytes_gathered = 0
         x = self.x.clone().requires_grad_()
@@ -123,7 +124,7 @@ class Mode:
             self.bytes_sparse.append(gathered + forward)  # + spRS in backward: the forward gather's volume
 
     def summary(self) -> dict:
-        args, state = self.args, self.layer.fssdp_state
+        args, state = self.args, getattr(self.layer.experts, "state", None)
         per_expert = 3 * args.dim * args.hidden * 4
         if state is not None:
             mem = len(state.placement.materialized(self.rank)) * per_expert  # owned + replicas, resident in forward

@@ -126,11 +126,11 @@ def craft_balanced(x_TD: torch.Tensor, E: int, K: int):
 
 def build_ours(args, ctx, force_balanced: bool):
     from moetrain.config.schema import RouterConfig
-    from moetrain.moe.layer import MoELayer
+    from moetrain.parallel.moe_layer import build_moe_layer
 
     torch.manual_seed(0)
-    layer = MoELayer(args.dim, args.hidden, args.experts, 0, RouterConfig(top_k=args.top_k, force_balanced=force_balanced),
-                     layer_id=0, ep_group=ctx.ep_group)
+    layer = build_moe_layer(args.dim, args.hidden, args.experts, 0,
+                            RouterConfig(top_k=args.top_k, force_balanced=force_balanced), layer_id=0, ep_group=ctx.ep_group)
     layer.reset_parameters(0.02, 0.02 / 2 ** 0.5, seed=0)
     return layer
 

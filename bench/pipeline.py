@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from moetrain.config.schema import RouterConfig  # noqa: E402
 from moetrain.moe.layer import MoELayer  # noqa: E402
+from moetrain.parallel.moe_layer import build_moe_layer  # noqa: E402
 from moetrain.utils.local_ranks import run_distributed  # noqa: E402
 
 NETNS = "moetrain-bench"
@@ -54,20 +55,22 @@ def worker(rank, world, args):
     L = args.experts // world
     for degree in [d for d in (1, 2, 4, 8) if d <= L]:
         torch.manual_seed(0)
-        layer = MoELayer(args.dim, args.hidden, args.experts, 0, RouterConfig(top_k=args.top_k, force_balanced=True),
-                         layer_id=1, ep_group=dist.group.WORLD, pipeline_degree=str(degree))
+        layer = build_moe_layer(args.dim, args.hidden, args.experts, 0,
+                                RouterConfig(top_k=args.top_k, force_balanced=True), layer_id=1,
+                                ep_group=dist.group.WORLD, pipeline_degree=str(degree))
         layer.reset_parameters(0.02, 0.02, seed=0)
         results[degree] = time_degree(layer, x, dy, args.iters, args.warmup)
     # What auto picks: the trial phase run as training would (one forward+backward per step).
     torch.manual_seed(0)
-    layer = MoELayer(args.dim, args.hidden, args.experts, 0, RouterConfig(top_k=args.top_k, force_balanced=True),
-                     layer_id=1, ep_group=dist.group.WORLD, pipeline_degree="auto")
+    layer = build_moe_layer(args.dim, args.hidden, args.experts, 0, RouterConfig(top_k=args.top_k, force_balanced=True),
+                            layer_id=1, ep_group=dist.group.WORLD, pipeline_degree="auto")
     layer.reset_parameters(0.02, 0.02, seed=0)
-    while layer.tuner.chosen is None:
+    tuner = layer.dispatcher.tuner
+    while tuner.chosen is None:
         layer(x.clone().requires_grad_()[None]).backward(dy[None])
         layer.zero_grad(set_to_none=True)
-        layer.end_step()
-    return {"times": results, "auto": layer.tuner.chosen}
+        layer.dispatcher.after_step(0, None)
+    return {"times": results, "auto": tuner.chosen}
 
 
 def run(args) -> dict:

@@ -15,7 +15,7 @@ from moetrain.config.compose import compose_config
 from moetrain.config.schema import RouterConfig
 from moetrain.model.transformer import TransformerLM
 from moetrain.moe.layer import MoELayer
-from moetrain.parallel.dispatch.plan import build_plan
+from moetrain.moe.plan import build_plan
 from tests.train_utils import SMALL
 
 D, F, E, K, S = 32, 64, 8, 2, 128  # model dim, expert hidden, experts, top-k, tokens per sequence

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from moetrain.config.schema import RouterConfig
-from moetrain.moe.layer import MoELayer
+from moetrain.parallel.moe_layer import build_moe_layer
 from moetrain.parallel.mesh import ParallelContext, build_groups
 from tests.distributed import run_distributed
 from tests.moe_reference import global_inputs, run_layer
@@ -21,8 +21,8 @@ D, F = 8, 16
 
 def make_layer(E, K, ep_group=None, degree="1", **router_kw):
     torch.manual_seed(0)
-    layer = MoELayer(D, F, E, 0, RouterConfig(top_k=K, **router_kw), layer_id=1, ep_group=ep_group,
-                     pipeline_degree=degree)
+    layer = build_moe_layer(D, F, E, 0, RouterConfig(top_k=K, **router_kw), layer_id=1, ep_group=ep_group,
+                            pipeline_degree=degree)
     torch.manual_seed(1)
     layer.reset_parameters(0.3, 0.3, seed=0)
     return layer

@@ -8,9 +8,10 @@ import torch
 import torch.distributed as dist
 
 from moetrain.config.schema import FSSDPConfig, RouterConfig
-from moetrain.moe.layer import MoELayer
+from moetrain.parallel.moe_layer import build_moe_layer
 from moetrain.parallel.fssdp.collectives import build_gather_plan, sparse_all_gather, sparse_reduce_scatter
-from moetrain.parallel.fssdp.placement import (LoadPredictor, Placement, balanced_owners, place_replicas)
+from moetrain.parallel.dispatch.placement import Placement
+from moetrain.parallel.fssdp.placement import LoadPredictor, balanced_owners, place_replicas
 from tests.distributed import run_distributed
 from tests.moe_reference import global_inputs, run_layer
 
@@ -119,7 +120,7 @@ D, F = 8, 16
 
 def make_layer(E, K, group=None, fssdp=None, **router_kw):
     torch.manual_seed(0)
-    layer = MoELayer(D, F, E, 0, RouterConfig(top_k=K, **router_kw), layer_id=1, ep_group=group, fssdp=fssdp)
+    layer = build_moe_layer(D, F, E, 0, RouterConfig(top_k=K, **router_kw), layer_id=1, ep_group=group, fssdp=fssdp)
     torch.manual_seed(1)
     layer.reset_parameters(0.3, 0.3, seed=0)
     return layer
@@ -127,7 +128,7 @@ def make_layer(E, K, group=None, fssdp=None, **router_kw):
 
 def fssdp_layer_body(rank, world, E, K, tokens, bias, load, budget, remat):
     layer = make_layer(E, K, dist.group.WORLD, FSSDPConfig(budget=budget, rematerialize=remat))
-    state = layer.fssdp_state
+    state = layer.experts.state
     state.placement = place_replicas(state.owners, load, world, budget)
     x, dy = global_inputs(tokens * world, D)
     sl = slice(rank * tokens, (rank + 1) * tokens)
@@ -178,7 +179,7 @@ def test_fssdp_layer_matches_single_process(world, tokens, bias, load, budget, r
 def fssdp_capacity_body(rank, world, tokens, load, capacity_factor, pad):
     layer = make_layer(8, 2, dist.group.WORLD, FSSDPConfig(budget=2), capacity_factor=capacity_factor,
                        pad_to_capacity=pad)
-    state = layer.fssdp_state
+    state = layer.experts.state
     state.placement = place_replicas(state.owners, load, world, 2)
     x, dy = global_inputs(tokens * world, D)
     sl = slice(rank * tokens, (rank + 1) * tokens)

@@ -11,14 +11,13 @@ Output projections are scaled by 1/sqrt(2 * n_layers) (GPT-2 style).
 from __future__ import annotations
 
 import math
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from moetrain.config.schema import FSSDPConfig, ModelConfig, RouterConfig
+from moetrain.config.schema import ModelConfig, RouterConfig
 from moetrain.model.attention import Attention
 from moetrain.model.mlp import SwiGLU
 from moetrain.model.norm import RMSNorm
@@ -55,17 +54,17 @@ def is_moe_layer(cfg: ModelConfig, i: int) -> bool:
     return cfg.num_experts > 0 and i >= cfg.first_k_dense and (i - cfg.first_k_dense) % cfg.moe_every == 0
 
 
+MoELayerFactory = Callable[[int, int, int, int, int], nn.Module]  # (dim, hidden, E, shared, layer_id) -> MoE layer
+
+
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, router_cfg: RouterConfig, layer_id: int,
-                 ep_group: Optional[dist.ProcessGroup], dp_group: Optional[dist.ProcessGroup],
-                 fssdp: Optional[FSSDPConfig] = None, pipeline_degree: str = "1"):
+    def __init__(self, cfg: ModelConfig, layer_id: int, moe_layer: MoELayerFactory):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         if is_moe_layer(cfg, layer_id):
-            self.ffn = MoELayer(cfg.dim, cfg.moe_hidden, cfg.num_experts, cfg.num_shared_experts, router_cfg,
-                                layer_id, ep_group, dp_group, fssdp=fssdp, pipeline_degree=pipeline_degree)
+            self.ffn = moe_layer(cfg.dim, cfg.moe_hidden, cfg.num_experts, cfg.num_shared_experts, layer_id)
         else:
             self.ffn = SwiGLU(cfg.dim, cfg.ffn_hidden)
 
@@ -79,14 +78,17 @@ class Block(nn.Module):
 
 
 class TransformerLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, router_cfg: RouterConfig, ep_group: Optional[dist.ProcessGroup] = None,
-                 dp_group: Optional[dist.ProcessGroup] = None, activation_checkpointing: bool = False,
-                 fssdp: Optional[FSSDPConfig] = None, pipeline_degree: str = "1"):
+    def __init__(self, cfg: ModelConfig, router_cfg: RouterConfig, moe_layer: Optional[MoELayerFactory] = None,
+                 activation_checkpointing: bool = False):
+        """`moe_layer` builds each MoE layer (moetrain.parallel.moe_layer.moe_layer_factory gives one per parallel
+        layout); by default every expert lives on this rank."""
         super().__init__()
         self.cfg, self.activation_checkpointing = cfg, activation_checkpointing
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg, router_cfg, i, ep_group, dp_group, fssdp, pipeline_degree)
-                                    for i in range(cfg.n_layers))
+        if moe_layer is None:
+            def moe_layer(dim, hidden, num_experts, num_shared, layer_id):
+                return MoELayer(dim, hidden, num_experts, num_shared, router_cfg, layer_id)
+        self.layers = nn.ModuleList(Block(cfg, i, moe_layer) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:

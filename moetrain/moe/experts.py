@@ -47,6 +47,19 @@ class GroupedExperts(nn.Module):
         with self.materialize() as weights:
             return self.compute(x_RD, tokens_per_expert_L, weights)
 
+    # Per-step hooks (see moe/dispatch.py): local experts have no state beyond their parameters.
+    def after_step(self, step: int, global_tokens_per_expert_E: torch.Tensor, optimizer) -> None:
+        pass
+
+    def step_metrics(self, prefix: str) -> dict:
+        return {}
+
+    def run_state(self) -> dict:
+        return {}
+
+    def load_run_state(self, state: dict) -> bool:
+        return True
+
     @torch.no_grad()
     def reset_parameters(self, init_std: float, out_std: float, seed: int, layer_id: int) -> None:
         for i, gid in enumerate(self.expert_ids):

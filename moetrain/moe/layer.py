@@ -22,13 +22,11 @@ import torch.distributed as dist
 from torch import nn
 
 from moetrain.balance import losses
-from moetrain.config.schema import FSSDPConfig, RouterConfig
+from moetrain.config.schema import RouterConfig
 from moetrain.model.mlp import SwiGLU
+from moetrain.moe.dispatch import Dispatcher, LocalDispatcher
 from moetrain.moe.experts import GroupedExperts
 from moetrain.moe.router import Router
-from moetrain.parallel.dispatch.alltoall import AllToAllDispatcher
-from moetrain.parallel.dispatch.local import LocalDispatcher
-from moetrain.parallel.pipeline import DegreeTuner, clock_start, clock_stop, elapsed_s
 
 
 
@@ -52,42 +50,23 @@ class RoutingRecord:
 
 
 class MoELayer(nn.Module):
+    """Router -> dispatcher -> experts -> combine. Without `dispatcher`/`experts` every expert lives on this rank;
+    parallel layouts hand the layer theirs (moetrain.parallel.moe_layer.build_moe_layer): the layer only talks to
+    the dispatcher interface of moe/dispatch.py and the experts' materialize/compute, so it knows nothing of how
+    experts are spread over ranks."""
+
     def __init__(self, dim: int, hidden: int, num_experts: int, num_shared: int, router_cfg: RouterConfig,
-                 layer_id: int, ep_group: Optional[dist.ProcessGroup] = None,
-                 dp_group: Optional[dist.ProcessGroup] = None, backend: str = "auto",
-                 fssdp: Optional[FSSDPConfig] = None, pipeline_degree: str = "1"):
+                 layer_id: int, dispatcher: Optional[Dispatcher] = None, experts: Optional[GroupedExperts] = None,
+                 dp_group: Optional[dist.ProcessGroup] = None, backend: str = "auto"):
         super().__init__()
         self.layer_id, self.num_experts, self.router_cfg = layer_id, num_experts, router_cfg
         self.dp_group = dp_group  # the ranks over which the router is data parallel (for global aux-loss counts)
         self.router = Router(dim, num_experts, router_cfg)
-        self.fssdp_state = None
-        if fssdp is not None and ep_group is not None and dist.get_world_size(ep_group) > 1:
-            # FSSDP: experts sharded over the whole group, hot ones replicated per step (parallel/fssdp/).
-            from moetrain.parallel.fssdp.experts import ShardedExperts
-            from moetrain.parallel.fssdp.state import FSSDPLayerState
-
-            self.fssdp_state = FSSDPLayerState(num_experts, ep_group, fssdp)
-            self.dispatcher = AllToAllDispatcher(num_experts, ep_group, router_cfg.capacity_factor,
-                                                 router_cfg.pad_to_capacity, placement_source=self.fssdp_state)
-            self.experts = ShardedExperts(dim, hidden, self.fssdp_state, backend, fssdp.rematerialize)
-        else:
-            if ep_group is not None and dist.get_world_size(ep_group) > 1:
-                self.dispatcher = AllToAllDispatcher(num_experts, ep_group, router_cfg.capacity_factor,
-                                                     router_cfg.pad_to_capacity)
-                ep_rank = dist.get_rank(ep_group)
-            else:
-                self.dispatcher = LocalDispatcher(num_experts, router_cfg.capacity_factor,
-                                                  router_cfg.pad_to_capacity)
-                ep_rank = 0
-            L = self.dispatcher.num_local_experts
-            self.experts = GroupedExperts(dim, hidden, list(range(ep_rank * L, (ep_rank + 1) * L)), backend)
+        if dispatcher is None:
+            dispatcher = LocalDispatcher(num_experts, router_cfg.capacity_factor, router_cfg.pad_to_capacity)
+        self.dispatcher = dispatcher
+        self.experts = experts if experts is not None else GroupedExperts(dim, hidden, list(range(num_experts)), backend)
         self.shared_experts = SwiGLU(dim, hidden * num_shared) if num_shared > 0 else None
-        # Pipelining (parallel/pipeline.py): chunks of the all-to-all overlap with expert compute; "auto" tunes.
-        communicates = isinstance(self.dispatcher, AllToAllDispatcher)
-        self.tuner = DegreeTuner(self.dispatcher.num_local_experts, ep_group) \
-            if communicates and pipeline_degree == "auto" else None
-        self._fixed_degree = int(pipeline_degree) if communicates and pipeline_degree != "auto" else 1
-        self._timings: list = []  # (start, stop, tokens) of this step's measured training forwards
 
     def reset_parameters(self, init_std: float, out_std: float, seed: int) -> None:
         self.router.reset_parameters(init_std)
@@ -98,7 +77,7 @@ class MoELayer(nn.Module):
     @property
     def degree(self) -> int:
         """Pipeline chunks used by this step's forwards."""
-        return self.tuner.degree if self.tuner is not None else self._fixed_degree
+        return self.dispatcher.degree
 
     def forward(self, x_BSD: torch.Tensor, return_record: bool = False):
         """y_BSD, or (y_BSD, RoutingRecord) with return_record."""
@@ -106,11 +85,7 @@ class MoELayer(nn.Module):
         x_TD = x_BSD.reshape(B * S, D)
         routed = self.router(x_TD)
         d = self.dispatcher
-        # Time training forwards for the degree tuner, not their recomputation inside backward.
-        measure = (self.tuner is not None and self.training and torch.is_grad_enabled()
-                   and torch._C._current_graph_task_id() == -1)
-        start = clock_start(x_TD.device) if measure else None
-        plan = d.plan(routed.topk_idx_TK, routed.gates_TK, self.degree)
+        plan = d.plan(routed.topk_idx_TK, routed.gates_TK)
         x_RD = d.dispatch_preprocess(x_TD, plan)
         in_flight = [d.dispatch_comm(x_RD, plan, c) for c in range(plan.num_chunks)]  # all chunks start moving
         shared_TD = self.shared_experts(x_TD) if self.shared_experts is not None else None
@@ -125,8 +100,6 @@ class MoELayer(nn.Module):
         y_TD = d.combine_postprocess(y_RD, plan).to(x_BSD.dtype)
         if shared_TD is not None:
             y_TD = y_TD + shared_TD
-        if measure:
-            self._timings.append((start, clock_stop(start), B * S))
         tokens_per_local_expert_L = counts[0] if len(counts) == 1 else torch.cat(counts)
 
         y_BSD = y_TD.view(B, S, D)
@@ -142,49 +115,29 @@ class MoELayer(nn.Module):
 
     def after_step(self, step: int, global_tokens_per_expert_E: torch.Tensor,
                    optimizer: Optional[torch.optim.Optimizer]) -> None:
-        """After each optimizer step (every rank, same order), with the step's global counts: tune the pipeline
-        degree and, under FSSDP, update the load window, re-shard when due and place the next step's replicas."""
-        self.end_step(global_tokens_per_expert_E)
-        if self.fssdp_state is not None:
-            self.fssdp_state.after_step(step, global_tokens_per_expert_E, list(self.experts.parameters()), optimizer)
+        """After each optimizer step (every rank, same order), with the step's global counts: the dispatcher tunes
+        its pipeline degree, FSSDP experts update their load window, re-shard when due and place the next step."""
+        for part in (self.dispatcher, self.experts):
+            part.after_step(step, global_tokens_per_expert_E, optimizer)
 
     def step_metrics(self) -> dict:
-        """Per-layer parallel telemetry since the last call (FSSDP replicas, owners, SparseAllGather volume)."""
-        if self.fssdp_state is None:
-            return {}
-        state, prefix = self.fssdp_state, f"moe/layer{self.layer_id}"
-        metrics = {f"{prefix}/replicas": state.placement.num_replicas(), f"{prefix}/owners": list(state.owners),
-                   f"{prefix}/spag_bytes_rank0": state.bytes_gathered}
-        state.bytes_gathered = 0
-        return metrics
-
-    def end_step(self, global_tokens_per_expert_E: Optional[torch.Tensor] = None) -> None:
-        """After each optimizer step (every rank, same order): feed the step's timings to the degree tuner."""
-        if self.tuner is None:
-            return
-        for start, stop, tokens in self._timings:
-            self.tuner.record(elapsed_s(start, stop), tokens)
-        self._timings.clear()
-        self.tuner.end_step(global_tokens_per_expert_E)
+        """Per-layer parallel telemetry since the last call (e.g. FSSDP replicas, owners, SparseAllGather volume)."""
+        prefix = f"moe/layer{self.layer_id}"
+        return {**self.dispatcher.step_metrics(prefix), **self.experts.step_metrics(prefix)}
 
     def trainer_state(self) -> dict:
         """Run-time decisions that are not parameters (pipeline degree tuning, FSSDP owners and load window), as
         JSON-able values for the checkpoint."""
-        state = {}
-        if self.tuner is not None:
-            state["pipeline"] = self.tuner.state_dict()
-        if self.fssdp_state is not None:
-            state["fssdp"] = self.fssdp_state.state_dict()
-        return state
+        return {"dispatcher": self.dispatcher.run_state(), "experts": self.experts.run_state()}
 
     def load_trainer_state(self, state: dict) -> list[str]:
         """Restore `trainer_state()` (call before loading the weights); returns what had to be re-derived instead
         because it was saved under another layout."""
         rederived = []
-        if self.tuner is not None and "pipeline" in state and not self.tuner.load_state_dict(state["pipeline"]):
+        if not self.dispatcher.load_run_state(state.get("dispatcher", {})):
             rederived.append(f"layer {self.layer_id} pipeline degree")
-        if self.fssdp_state is not None and "fssdp" in state and not self.fssdp_state.load_state_dict(state["fssdp"]):
-            rederived.append(f"layer {self.layer_id} FSSDP owners")
+        if not self.experts.load_run_state(state.get("experts", {})):
+            rederived.append(f"layer {self.layer_id} expert placement")
         return rederived
 
     def _router_losses(self, routed, counts_E: torch.Tensor, B: int, S: int) -> dict[str, torch.Tensor]:

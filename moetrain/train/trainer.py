@@ -45,6 +45,7 @@ from moetrain.data.loader import build_loader
 from moetrain.model.transformer import TransformerLM
 from moetrain.parallel.grad_sync import clip_grad_norm_, sync_gradients
 from moetrain.parallel.mesh import ParallelContext
+from moetrain.parallel.moe_layer import moe_layer_factory
 from moetrain.telemetry.loggers import build_loggers
 from moetrain.telemetry.routing_stats import RoutingWindow, layer_metrics
 from moetrain.train import checkpoint as ckpt
@@ -66,8 +67,8 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
         fssdp = cfg.parallel.fssdp if cfg.parallel.mode == "fssdp" else None
-        self.model = TransformerLM(cfg.model, cfg.router, ctx.ep_group, ctx.world_group,
-                                   tc.activation_checkpointing, fssdp, cfg.parallel.pipeline_degree).to(ctx.device)
+        moe_layer = moe_layer_factory(cfg.router, ctx.ep_group, ctx.world_group, fssdp, cfg.parallel.pipeline_degree)
+        self.model = TransformerLM(cfg.model, cfg.router, moe_layer, tc.activation_checkpointing).to(ctx.device)
         self.model.init_weights(tc.seed)
         self.fsdp = cfg.parallel.data_parallel == "fsdp" and ctx.is_distributed
         if self.fsdp:

@@ -3,7 +3,7 @@
 Legend: T tokens on this rank, D model dim, E experts, W ranks in the group, M experts materialized on this rank,
 R rows leaving this rank, Rr rows arriving.
 
-Where experts live is a `Placement` (parallel/fssdp/placement.py): expert parallelism uses the static contiguous one
+Where experts live is a `Placement` (parallel/dispatch/placement.py): expert parallelism uses the static contiguous one
 (rank w holds experts [w*E/W, (w+1)*E/W)); FSSDP supplies a new one every step, with hot experts on several ranks.
 Destination of a routed copy of expert e sent from rank s (Hecate's rule):
     s itself if s materializes e, else replicas(e)[(i + s) mod r_e]     (i = index of the copy among e's copies)
@@ -28,8 +28,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
-from moetrain.parallel.dispatch.plan import RoutingPlan, build_plan, permute, permute_rows, unpermute
-from moetrain.parallel.fssdp.placement import Placement
+from moetrain.moe.plan import RoutingPlan, build_plan, permute, permute_rows, unpermute
+from moetrain.parallel.pipeline import DegreeTuner, clock_start, clock_stop, elapsed_s
+from moetrain.parallel.dispatch.placement import Placement
 
 
 class PlacementSource(Protocol):
@@ -64,6 +65,7 @@ class AllToAllPlan:
     local: RoutingPlan  # rows in (chunk, destination, expert) order
     placement: Placement
     chunks: list[ChunkPlan]
+    started: Optional[object] = None  # clock of a forward timed for the degree tuner (see `plan`)
 
     @property
     def num_dropped(self) -> int:
@@ -121,7 +123,9 @@ class _PlacementTables:
 
 class AllToAllDispatcher:
     def __init__(self, num_experts: int, group: dist.ProcessGroup, capacity_factor=None, pad_to_capacity=False,
-                 placement_source: Optional[PlacementSource] = None):
+                 placement_source: Optional[PlacementSource] = None, pipeline_degree: str = "1"):
+        """pipeline_degree: chunks of the all-to-all ("1", "2", "4", "8"), or "auto" for a DegreeTuner that times
+        the training forwards (dispatch to combine) and picks the fastest (parallel/pipeline.py)."""
         self.group = group
         self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
         if num_experts % self.world:
@@ -130,6 +134,33 @@ class AllToAllDispatcher:
         self.source = placement_source or StaticPlacement(Placement.contiguous(num_experts, self.world))
         self.capacity_factor, self.pad_to_capacity = capacity_factor, pad_to_capacity
         self._tables: tuple[Optional[Placement], Optional[_PlacementTables]] = (None, None)
+        self.tuner = DegreeTuner(self.num_local_experts, group) if pipeline_degree == "auto" else None
+        self._fixed_degree = 1 if pipeline_degree == "auto" else int(pipeline_degree)
+        self._timings: list = []  # (start, stop, tokens) of this step's timed forwards
+
+    @property
+    def degree(self) -> int:
+        """Pipeline chunks of this step's forwards (changes only in `after_step`)."""
+        return self.tuner.degree if self.tuner is not None else self._fixed_degree
+
+    # ------------------------------------------------------------------------------------- per-step hooks
+    def after_step(self, step: int, global_tokens_per_expert_E: Optional[torch.Tensor], optimizer=None) -> None:
+        """Feed the step's forward times (and the global load, for drift detection) to the degree tuner."""
+        if self.tuner is None:
+            return
+        for start, stop, tokens in self._timings:
+            self.tuner.record(elapsed_s(start, stop), tokens)
+        self._timings.clear()
+        self.tuner.end_step(global_tokens_per_expert_E)
+
+    def step_metrics(self, prefix: str) -> dict:
+        return {}
+
+    def run_state(self) -> dict:
+        return {} if self.tuner is None else {"pipeline": self.tuner.state_dict()}
+
+    def load_run_state(self, state: dict) -> bool:
+        return self.tuner is None or "pipeline" not in state or self.tuner.load_state_dict(state["pipeline"])
 
     @property
     def num_local_experts(self) -> int:
@@ -141,10 +172,17 @@ class AllToAllDispatcher:
             self._tables = (placement, _PlacementTables(placement, self.rank, device))
         return self._tables[1]
 
-    def plan(self, topk_idx_TK: torch.Tensor, gates_TK: torch.Tensor, num_chunks: int = 1) -> AllToAllPlan:
-        """Route, assign destinations, exchange counts. With num_chunks n > 1 every destination's experts are split
-        into n contiguous slot ranges (chunk of slot s among M experts: s * n // M), rows are ordered
-        (chunk, destination, expert) and each chunk travels as its own all-to-all (see parallel/pipeline.py)."""
+    def plan(self, topk_idx_TK: torch.Tensor, gates_TK: torch.Tensor,
+             num_chunks: Optional[int] = None) -> AllToAllPlan:
+        """Route, assign destinations, exchange counts. With num_chunks n > 1 (default: `degree`) every destination's
+        experts are split into n contiguous slot ranges (chunk of slot s among M experts: s * n // M), rows are
+        ordered (chunk, destination, expert) and each chunk travels as its own all-to-all (see parallel/pipeline.py).
+        Training forwards are timed from here to `combine_postprocess` for the tuner (not their recomputation in
+        backward)."""
+        timed = (self.tuner is not None and torch.is_grad_enabled()
+                 and torch._C._current_graph_task_id() == -1)  # -1: not inside a backward pass
+        started = clock_start(topk_idx_TK.device) if timed else None
+        num_chunks = self.degree if num_chunks is None else num_chunks
         E, W = self.num_experts, self.world
         local = build_plan(topk_idx_TK, gates_TK, E, self.capacity_factor, self.pad_to_capacity)
         placement = self.source.placement_for(local.tokens_per_expert_E)
@@ -181,7 +219,7 @@ class AllToAllDispatcher:
             chunks.append(ChunkPlan(slice(row, row + sum(send_splits)), send_splits, counts_Wm.sum(1).tolist(),
                                     regroup, torch.argsort(regroup), slice(lo, hi), counts_Wm.sum(0)))
             row += sum(send_splits)
-        return AllToAllPlan(local=local, placement=placement, chunks=chunks)
+        return AllToAllPlan(local=local, placement=placement, chunks=chunks, started=started)
 
     def dispatch_preprocess(self, x_TD, plan: AllToAllPlan):
         return permute(x_TD, plan.local)
@@ -207,4 +245,7 @@ class AllToAllDispatcher:
 
     def combine_postprocess(self, y_RD, plan: AllToAllPlan):
         """y_RD: the combine results of all chunks, concatenated in chunk order (= the send order)."""
-        return unpermute(y_RD, plan.local)
+        y_TD = unpermute(y_RD, plan.local)
+        if plan.started is not None:
+            self._timings.append((plan.started, clock_stop(plan.started), plan.local.num_tokens))
+        return y_TD

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from moetrain.parallel.fssdp.placement import Placement
+from moetrain.parallel.dispatch.placement import Placement
 
 
 @dataclass

@@ -36,6 +36,25 @@ class ShardedExperts(GroupedExperts):
             p.expert_ids = self.expert_ids
         self.last_materialized = None  # weakref to the last gathered weights (tests check they are freed)
 
+    # ------------------------------------------------------------------------------------- per-step hooks
+    def after_step(self, step: int, global_tokens_per_expert_E: torch.Tensor, optimizer) -> None:
+        """Update the load window, re-shard when due (weights and optimizer state move) and place the next step."""
+        self.state.after_step(step, global_tokens_per_expert_E, list(self.parameters()), optimizer)
+
+    def step_metrics(self, prefix: str) -> dict:
+        """Replicas and owners now, and the SparseAllGather bytes this rank sent since the last call."""
+        metrics = {f"{prefix}/replicas": self.state.placement.num_replicas(), f"{prefix}/owners": list(self.state.owners),
+                   f"{prefix}/spag_bytes_rank0": self.state.bytes_gathered}
+        self.state.bytes_gathered = 0
+        return metrics
+
+    def run_state(self) -> dict:
+        return {"fssdp": self.state.state_dict()}
+
+    def load_run_state(self, state: dict) -> bool:
+        """Adopt saved owners before the weights load (see FSSDPLayerState.load_state_dict)."""
+        return "fssdp" not in state or self.state.load_state_dict(state["fssdp"])
+
     def _owned_LX(self) -> torch.Tensor:
         L = self.w1_EDF.shape[0]
         return torch.cat([self.w1_EDF.reshape(L, -1), self.w3_EDF.reshape(L, -1), self.w2_EFD.reshape(L, -1)], 1)

@@ -18,7 +18,8 @@ import torch.distributed as dist
 
 from moetrain.config.schema import FSSDPConfig
 from moetrain.parallel.fssdp.collectives import GatherPlan, build_gather_plan
-from moetrain.parallel.fssdp.placement import LoadPredictor, Placement, balanced_owners, place_replicas
+from moetrain.parallel.dispatch.placement import Placement
+from moetrain.parallel.fssdp.placement import LoadPredictor, balanced_owners, place_replicas
 
 
 class FSSDPLayerState:

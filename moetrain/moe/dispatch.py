@@ -1,0 +1,105 @@
+"""The dispatcher interface (local pre-processing, communication, local post-processing, for both directions) and
+the dispatcher without communication, used when every expert lives on this rank.
+
+Legend: T tokens on this rank, D model dim, R routed rows leaving this rank, Rr rows arriving, L local experts.
+
+    plan  = plan(topk_idx_TK, gates_TK)            # local routing plan, destinations, count exchange, chunks
+    x_RD  = dispatch_preprocess(x_TD, plan)        # permute into (chunk, destination, expert) order (local)
+    for each chunk c:
+        x_c = dispatch_comm(x_RD, plan, c)         # send the chunk's rows (returns before the transfer is done)
+    for each chunk c:
+        x_c, tokens_per_expert_c, experts_c = dispatch_postprocess(x_c, plan, c)   # wait, regroup by expert
+        y_c = experts[experts_c](x_c)
+        y_c = combine_comm(combine_preprocess(y_c, plan, c), plan, c)             # send results back (async)
+    y_TD  = combine_postprocess(cat(y_c), plan)    # wait, weight by gates, sum the K copies of each token
+
+Splitting the steps lets the layer compute shared experts while the dispatch is in flight, and lets the pipeline
+overlap the transfer of chunk c+1 and the combine of chunk c-1 with the expert compute of chunk c. Every step is
+autograd-correct.
+
+Besides the data path a dispatcher has per-step hooks (every rank, same order): `degree` (the pipeline chunks it
+uses now), `after_step(step, global_tokens_per_expert_E, optimizer)`, `step_metrics(prefix)` and a JSON-able
+`run_state()` / `load_run_state(state)` for checkpoints. Communicating dispatchers and their tuners live in
+`moetrain.parallel`; the MoE layer only talks to this interface.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Protocol
+
+import torch
+
+from moetrain.moe.plan import RoutingPlan, build_plan, permute, unpermute
+
+
+class Dispatcher(Protocol):
+    num_local_experts: int
+
+    @property
+    def degree(self) -> int: ...
+
+    def plan(self, topk_idx_TK: torch.Tensor, gates_TK: torch.Tensor): ...
+
+    def dispatch_preprocess(self, x_TD: torch.Tensor, plan) -> torch.Tensor: ...
+
+    def dispatch_comm(self, x_RD: torch.Tensor, plan, chunk: int = 0) -> torch.Tensor: ...
+
+    def dispatch_postprocess(self, x_RrD: torch.Tensor, plan, chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor, slice]: ...
+
+    def combine_preprocess(self, y_RrD: torch.Tensor, plan, chunk: int = 0) -> torch.Tensor: ...
+
+    def combine_comm(self, y_RrD: torch.Tensor, plan, chunk: int = 0) -> torch.Tensor: ...
+
+    def combine_postprocess(self, y_RD: torch.Tensor, plan) -> torch.Tensor: ...
+
+    def after_step(self, step: int, global_tokens_per_expert_E: torch.Tensor,
+                   optimizer: Optional[torch.optim.Optimizer]) -> None: ...
+
+    def step_metrics(self, prefix: str) -> dict: ...
+
+    def run_state(self) -> dict: ...
+
+    def load_run_state(self, state: dict) -> bool: ...
+
+
+class LocalDispatcher:
+    """Every expert on this rank: communication is the identity, one chunk, no per-step state."""
+
+    degree = 1
+
+    def __init__(self, num_experts: int, capacity_factor=None, pad_to_capacity: bool = False):
+        self.num_experts = self.num_local_experts = num_experts
+        self.capacity_factor, self.pad_to_capacity = capacity_factor, pad_to_capacity
+
+    def plan(self, topk_idx_TK: torch.Tensor, gates_TK: torch.Tensor) -> RoutingPlan:
+        return build_plan(topk_idx_TK, gates_TK, self.num_experts, self.capacity_factor, self.pad_to_capacity)
+
+    def dispatch_preprocess(self, x_TD, plan):
+        return permute(x_TD, plan)
+
+    def dispatch_comm(self, x_RD, plan, chunk: int = 0):
+        return x_RD
+
+    def dispatch_postprocess(self, x_RD, plan, chunk: int = 0):
+        return x_RD, plan.tokens_per_expert_E, slice(None)
+
+    def combine_preprocess(self, y_RD, plan, chunk: int = 0):
+        return y_RD
+
+    def combine_comm(self, y_RD, plan, chunk: int = 0):
+        return y_RD
+
+    def combine_postprocess(self, y_RD, plan):
+        return unpermute(y_RD, plan)
+
+    def after_step(self, step, global_tokens_per_expert_E, optimizer) -> None:
+        pass
+
+    def step_metrics(self, prefix: str) -> dict:
+        return {}
+
+    def run_state(self) -> dict:
+        return {}
+
+    def load_run_state(self, state: dict) -> bool:
+        return True
