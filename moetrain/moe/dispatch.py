@@ -3,7 +3,7 @@ the dispatcher without communication, used when every expert lives on this rank.
 
 Legend: T tokens on this rank, D model dim, R routed rows leaving this rank, Rr rows arriving, L local experts.
 
-    plan  = plan(topk_idx_TK, gates_TK)            # local routing plan, destinations, count exchange, chunks
+    plan  = plan(topk_idx_TK, gates_TK, keep_TK)   # local routing plan, destinations, count exchange, chunks
     x_RD  = dispatch_preprocess(x_TD, plan)        # permute into (chunk, destination, expert) order (local)
     for each chunk c:
         x_c = dispatch_comm(x_RD, plan, c)         # send the chunk's rows (returns before the transfer is done)
@@ -38,7 +38,7 @@ class Dispatcher(Protocol):
     @property
     def degree(self) -> int: ...
 
-    def plan(self, topk_idx_TK: torch.Tensor, gates_TK: torch.Tensor): ...
+    def plan(self, topk_idx_TK: torch.Tensor, gates_TK: torch.Tensor, keep_TK: Optional[torch.Tensor] = None): ...
 
     def dispatch_preprocess(self, x_TD: torch.Tensor, plan) -> torch.Tensor: ...
 
@@ -71,8 +71,9 @@ class LocalDispatcher:
         self.num_experts = self.num_local_experts = num_experts
         self.capacity_factor, self.pad_to_capacity = capacity_factor, pad_to_capacity
 
-    def plan(self, topk_idx_TK: torch.Tensor, gates_TK: torch.Tensor) -> RoutingPlan:
-        return build_plan(topk_idx_TK, gates_TK, self.num_experts, self.capacity_factor, self.pad_to_capacity)
+    def plan(self, topk_idx_TK: torch.Tensor, gates_TK: torch.Tensor,
+             keep_TK: Optional[torch.Tensor] = None) -> RoutingPlan:
+        return build_plan(topk_idx_TK, gates_TK, self.num_experts, self.capacity_factor, self.pad_to_capacity, keep_TK)
 
     def dispatch_preprocess(self, x_TD, plan):
         return permute(x_TD, plan)

@@ -85,7 +85,7 @@ class MoELayer(nn.Module):
         x_TD = x_BSD.reshape(B * S, D)
         routed = self.router(x_TD)
         d = self.dispatcher
-        plan = d.plan(routed.topk_idx_TK, routed.gates_TK)
+        plan = d.plan(routed.topk_idx_TK, routed.gates_TK, keep_TK=routed.keep_TK)
         x_RD = d.dispatch_preprocess(x_TD, plan)
         in_flight = [d.dispatch_comm(x_RD, plan, c) for c in range(plan.num_chunks)]  # all chunks start moving
         shared_TD = self.shared_experts(x_TD) if self.shared_experts is not None else None
@@ -109,7 +109,7 @@ class MoELayer(nn.Module):
             p_TE = routed.scores_TE / routed.scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
             entropy_sum = -(p_TE * p_TE.clamp_min(1e-20).log()).sum()
         record = RoutingRecord(self.layer_id, routed.tokens_per_expert_E, tokens_per_local_expert_L.detach(), B * S,
-                               routed.topk_idx_TK.numel(), plan.num_dropped, entropy_sum,
+                               int(routed.tokens_per_expert_E.sum()), plan.num_dropped, entropy_sum,
                                self._router_losses(routed, routed.tokens_per_expert_E, B, S))
         return y_BSD, record
 

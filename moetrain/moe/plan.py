@@ -3,7 +3,8 @@
 Legend: T tokens on this rank, D model dim, E experts (global), K top-k, R routed rows (kept copies + padding).
 
 Every dispatcher starts from the same plan:
-    order_R     = the kept (token, k) copies sorted by expert id (stable: token order inside an expert)
+    order_R     = the kept (token, k) copies sorted by expert id (stable: token order inside an expert); a copy is
+                  kept when the router kept it (`keep_TK`, default all) and the capacity (if any) has room for it
     token_idx_R = order_R // K          source token of each routed row; T marks a padding row (zero input)
     gates_R     = gates_TK.flatten()[order_R]   (0 for padding)
     tokens_per_expert_E = rows per expert (kept copies, plus padding in pad mode)
@@ -64,20 +65,28 @@ def capacity_for(num_tokens: int, top_k: int, num_experts: int, capacity_factor:
 
 
 def build_plan(topk_idx_TK: torch.Tensor, gates_TK: torch.Tensor, num_experts: int,
-               capacity_factor: Optional[float] = None, pad_to_capacity: bool = False) -> RoutingPlan:
+               capacity_factor: Optional[float] = None, pad_to_capacity: bool = False,
+               keep_TK: Optional[torch.Tensor] = None) -> RoutingPlan:
+    """The plan of the routed copies (t, k) of `topk_idx_TK`: copy t*K + k goes to expert topk_idx_TK[t, k] with
+    gate gates_TK[t, k]. `keep_TK` (bool) marks the copies the router kept: a copy it did not keep (a token given
+    fewer than K experts, a null expert, an expert that did not choose the token) computes nothing, exactly like a
+    copy dropped by the capacity, but is not counted as dropped. Capacity (if any) applies to the kept copies."""
     T, K = topk_idx_TK.shape
     expert_R = topk_idx_TK.flatten()
+    if keep_TK is not None:  # copies the router did not keep go to a sentinel expert E that keeps nothing
+        expert_R = torch.where(keep_TK.flatten(), expert_R, torch.full_like(expert_R, num_experts))
     gates_flat = gates_TK.flatten()
+    counts_E = torch.bincount(expert_R, minlength=num_experts + 1)[:num_experts]
+    num_routed = expert_R.numel() if keep_TK is None else int(counts_E.sum())
     if capacity_factor is None:
-        order_R = torch.argsort(expert_R, stable=True)
-        counts_E = torch.bincount(expert_R, minlength=num_experts)
+        order_R = torch.argsort(expert_R, stable=True)[:num_routed]
         return RoutingPlan(order_R // K, gates_flat[order_R], counts_E, T, 0, False, order_R, K)
 
-    capacity = capacity_for(T, K, num_experts, capacity_factor)
+    capacity = capacity_for(T, K, num_experts, capacity_factor) if keep_TK is None else \
+        math.ceil(num_routed / num_experts * capacity_factor)
     # Sort by gate (descending), then stably by expert: inside each expert the highest gates come first.
     by_gate = torch.argsort(gates_flat.detach(), descending=True, stable=True)
-    order_R = by_gate[torch.argsort(expert_R[by_gate], stable=True)]
-    counts_E = torch.bincount(expert_R, minlength=num_experts)
+    order_R = by_gate[torch.argsort(expert_R[by_gate], stable=True)][:num_routed]
     starts_E = torch.cumsum(counts_E, 0) - counts_E
     sorted_expert_R = expert_R[order_R]
     rank_in_expert_R = torch.arange(order_R.numel(), device=order_R.device) - starts_E[sorted_expert_R]

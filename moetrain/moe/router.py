@@ -13,12 +13,15 @@ biased scores; only the experts of the best `topk_groups` groups stay eligible.
 Forced-balanced routing (benchmarking): token t picks experts (t*K + k) mod E, so every expert gets T*K/E copies.
 
 The router counts its decision once, `tokens_per_expert_E` (routed copies per expert, fp32); the layer, its losses
-and the balance controller all use that count.
+and the balance controller all use that count. Its decision is a set of copies (token t, expert topk_idx_TK[t, k],
+gate gates_TK[t, k]) with a keep mask `keep_TK`: a copy not kept computes nothing anywhere (plan, dispatchers,
+FSSDP), the same mechanism as a capacity drop, so variable or zero experts per token need nothing else downstream.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
@@ -32,7 +35,9 @@ class RouterOutput:
     gates_TK: torch.Tensor  # fp32 combine weights
     scores_TE: torch.Tensor  # fp32 scores (softmax probs or sigmoid)
     logits_TE: torch.Tensor  # fp32 raw logits
-    tokens_per_expert_E: torch.Tensor  # fp32 routed copies per expert (bincount of topk_idx_TK)
+    tokens_per_expert_E: torch.Tensor  # fp32 routed copies per expert (bincount of the kept topk_idx_TK)
+    keep_TK: Optional[torch.Tensor] = None  # bool: copies the router kept (None: all). A router may give a token
+    #                                         fewer than K experts, or none: its other copies compute nothing
 
 
 class Router(nn.Module):

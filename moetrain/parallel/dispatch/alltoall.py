@@ -172,8 +172,8 @@ class AllToAllDispatcher:
             self._tables = (placement, _PlacementTables(placement, self.rank, device))
         return self._tables[1]
 
-    def plan(self, topk_idx_TK: torch.Tensor, gates_TK: torch.Tensor,
-             num_chunks: Optional[int] = None) -> AllToAllPlan:
+    def plan(self, topk_idx_TK: torch.Tensor, gates_TK: torch.Tensor, num_chunks: Optional[int] = None,
+             keep_TK: Optional[torch.Tensor] = None) -> AllToAllPlan:
         """Route, assign destinations, exchange counts. With num_chunks n > 1 (default: `degree`) every destination's
         experts are split into n contiguous slot ranges (chunk of slot s among M experts: s * n // M), rows are
         ordered (chunk, destination, expert) and each chunk travels as its own all-to-all (see parallel/pipeline.py).
@@ -184,7 +184,7 @@ class AllToAllDispatcher:
         started = clock_start(topk_idx_TK.device) if timed else None
         num_chunks = self.degree if num_chunks is None else num_chunks
         E, W = self.num_experts, self.world
-        local = build_plan(topk_idx_TK, gates_TK, E, self.capacity_factor, self.pad_to_capacity)
+        local = build_plan(topk_idx_TK, gates_TK, E, self.capacity_factor, self.pad_to_capacity, keep_TK)
         placement = self.source.placement_for(local.tokens_per_expert_E)
         tab = self._tables_for(placement, topk_idx_TK.device)
         counts_E = local.tokens_per_expert_E
