@@ -39,3 +39,18 @@ def run_layer(layer, x_TD, dy_TD, bias=None):
     (y * dy_TD).sum().backward()
     grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
     return y.detach(), x.grad, grads, record, weights_alive
+
+
+def assert_ranks_match_reference(results, y_ref, dx_ref, grads, ids_key="expert_ids", rtol=1e-5, atol=1e-6):
+    """Per-rank results of a sharded layer against the single-process run on the global batch: outputs and input
+    gradients concatenate to the reference, the router gradient sums to it over ranks, and each expert's gradient
+    is the sum over the ranks holding it (`results[r][ids_key]` lists the global ids of rank r's expert rows)."""
+    torch.testing.assert_close(torch.cat([r["y"] for r in results]), y_ref, rtol=rtol, atol=atol)
+    torch.testing.assert_close(torch.cat([r["dx"] for r in results]), dx_ref, rtol=rtol, atol=atol)
+    torch.testing.assert_close(sum(r["grads"]["router.gate.weight"] for r in results), grads["router.gate.weight"],
+                               rtol=rtol, atol=atol)
+    for name in ("experts.w1_EDF", "experts.w3_EDF", "experts.w2_EFD"):
+        summed = torch.zeros_like(grads[name])
+        for r in results:
+            summed[r[ids_key]] += r["grads"][name]
+        torch.testing.assert_close(summed, grads[name], rtol=rtol, atol=atol)

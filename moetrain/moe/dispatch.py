@@ -62,7 +62,23 @@ class Dispatcher(Protocol):
     def load_run_state(self, state: dict) -> bool: ...
 
 
-class LocalDispatcher:
+class NoStepState:
+    """The per-step hooks of a part (dispatcher or experts) that has no state beyond its parameters."""
+
+    def after_step(self, step: int, global_tokens_per_expert_E: Optional[torch.Tensor], optimizer=None) -> None:
+        pass
+
+    def step_metrics(self, prefix: str) -> dict:
+        return {}
+
+    def run_state(self) -> dict:
+        return {}
+
+    def load_run_state(self, state: dict) -> bool:
+        return True
+
+
+class LocalDispatcher(NoStepState):
     """Every expert on this rank: communication is the identity, one chunk, no per-step state."""
 
     degree = 1
@@ -92,15 +108,3 @@ class LocalDispatcher:
 
     def combine_postprocess(self, y_RD, plan):
         return unpermute(y_RD, plan)
-
-    def after_step(self, step, global_tokens_per_expert_E, optimizer) -> None:
-        pass
-
-    def step_metrics(self, prefix: str) -> dict:
-        return {}
-
-    def run_state(self) -> dict:
-        return {}
-
-    def load_run_state(self, state: dict) -> bool:
-        return True

@@ -20,9 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetrain.kernels.grouped_gemm import grouped_swiglu
+from moetrain.moe.dispatch import NoStepState
 
 
-class GroupedExperts(nn.Module):
+class GroupedExperts(NoStepState, nn.Module):
+    """Per-step hooks (moe/dispatch.py): none for local experts; FSSDP's ShardedExperts overrides them."""
+
     def __init__(self, dim: int, hidden: int, expert_ids: list[int], backend: str = "auto"):
         super().__init__()
         L = len(expert_ids)
@@ -46,19 +49,6 @@ class GroupedExperts(nn.Module):
     def forward(self, x_RD: torch.Tensor, tokens_per_expert_L: torch.Tensor) -> torch.Tensor:
         with self.materialize() as weights:
             return self.compute(x_RD, tokens_per_expert_L, weights)
-
-    # Per-step hooks (see moe/dispatch.py): local experts have no state beyond their parameters.
-    def after_step(self, step: int, global_tokens_per_expert_E: torch.Tensor, optimizer) -> None:
-        pass
-
-    def step_metrics(self, prefix: str) -> dict:
-        return {}
-
-    def run_state(self) -> dict:
-        return {}
-
-    def load_run_state(self, state: dict) -> bool:
-        return True
 
     @torch.no_grad()
     def reset_parameters(self, init_std: float, out_std: float, seed: int, layer_id: int) -> None:
