@@ -68,6 +68,17 @@ def test_learning_rate_blowup_stops_without_losing_the_healthy_checkpoint(tmp_pa
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_a_healthy_step_that_overflowed_the_weights_is_not_checkpointed(tmp_path, cache_dir, capsys):
+    trainer = _trainer(overrides(tmp_path / "run", cache_dir, "trainer.max_steps=2"))
+    assert trainer.save() is not None  # step 0, finite
+    with torch.no_grad():
+        next(trainer.model.parameters())[0].fill_(float("inf"))
+    trainer.step = 1
+    assert trainer.save() is None
+    assert "not writing a checkpoint" in capsys.readouterr().err
+    assert [p.name for p in ckpt.find_latest(tmp_path / "run" / "checkpoints").parent.glob("step_*")] == ["step_00000000"]
+
+
 class _PoisonOnce:
     """A forward hook that turns the logits into NaN for one training step on one rank."""
 

@@ -115,7 +115,7 @@ class Trainer:
     def _weights_finite(self) -> bool:
         """Whether every rank's parameters are finite (a healthy step can still overflow in the update)."""
         local = [p.to_local() if hasattr(p, "to_local") else p for p in self.model.parameters()]
-        ok = torch.tensor([float(all(bool(torch.isfinite(p).all()) for p in local))], device=self.ctx.device)
+        ok = torch.stack([torch.isfinite(p).all() for p in local]).all().float().reshape(1).to(self.ctx.device)
         if self.ctx.is_distributed:
             dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.ctx.world_group)
         return bool(ok.item() > 0)
