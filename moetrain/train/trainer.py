@@ -242,7 +242,9 @@ class Trainer:
             return
         self.bad_streak += 1
         self.skipped_steps += 1
-        self._say(f"step {self.step}: non-finite loss {loss} or gradient norm {grad_norm}: optimizer step skipped "
+        bad = [f"{name} {value}" for name, value in (("loss", loss), ("gradient norm", grad_norm))
+               if not math.isfinite(value)] or ["router loss"]
+        self._say(f"step {self.step}: non-finite {' and '.join(bad)}: optimizer step skipped "
                   f"({self.bad_streak} in a row of trainer.max_bad_steps={self.cfg.trainer.max_bad_steps})")
 
     def _stop_if_diverged(self) -> None:
