@@ -88,3 +88,13 @@ def test_keep_mask_on_two_ranks_matches_one_process(mode):
     x, dy = global_inputs(24, D)
     y_ref, dx_ref, grads, _, _ = run_layer(make_layer(), x, dy)
     assert_ranks_match_reference(results, y_ref, dx_ref, grads)
+
+
+def test_experts_per_token_is_logged_per_layer(tmp_path):
+    from moetrain.cli import train_main
+    from tests.train_utils import overrides, read_metrics
+
+    run = tmp_path / "run"
+    assert train_main(overrides(run, tmp_path / "cache", "trainer.max_steps=2", "router.top_k=3")) == 0
+    rows = [r for r in read_metrics(run) if "loss" in r]
+    assert all(r["moe/layer0/experts_per_token"] == 3.0 for r in rows)

@@ -73,11 +73,11 @@ class BalanceController:
 
     @torch.no_grad()
     def pop_compute_stats(self) -> dict[str, list[float]]:
-        """Per layer: rows computed per rank (gathered over ranks), the dropped fraction and the mean routing entropy
-        since the last call (reduced over ranks); resets the accumulators. A dense model (no MoE layer) gets empty
+        """Per layer: rows computed per rank (gathered over ranks), the dropped fraction, the mean routing entropy and
+        the mean number of experts a token was routed to (copies the router kept per token) since the last call (reduced over ranks); resets the accumulators. A dense model (no MoE layer) gets empty
         lists and runs no collective (every rank has the same layers, so all skip it together)."""
         if not self.layers:
-            return {"rank_loads": [], "dropped_frac": [], "entropy": []}
+            return {"rank_loads": [], "dropped_frac": [], "entropy": [], "experts_per_token": []}
         rows_N = torch.stack(self._rows_computed).to(self.ctx.device)
         sums = torch.tensor([self._dropped, self._copies, self._entropy, self._tokens], dtype=torch.float64,
                             device=self.ctx.device)
@@ -91,4 +91,5 @@ class BalanceController:
         self._reset_accumulators()
         return {"rank_loads": rows_WN.t().cpu().tolist(),
                 "dropped_frac": (sums[0] / sums[1].clamp(min=1)).cpu().tolist(),
-                "entropy": (sums[2] / sums[3].clamp(min=1)).cpu().tolist()}
+                "entropy": (sums[2] / sums[3].clamp(min=1)).cpu().tolist(),
+                "experts_per_token": (sums[1] / sums[3].clamp(min=1)).cpu().tolist()}

@@ -296,6 +296,7 @@ class Trainer:
                 dropped_frac=compute["dropped_frac"][i] if m.router_cfg.capacity_factor else None,
                 rank_loads=compute["rank_loads"][i]))
             metrics[f"moe/layer{m.layer_id}/entropy"] = compute["entropy"][i]
+            metrics[f"moe/layer{m.layer_id}/experts_per_token"] = compute["experts_per_token"][i]
             metrics[f"moe/layer{m.layer_id}/pipeline_degree"] = self.step_degrees[i]
         metrics.update(self.window.summary())
         for m in self.balance.layers:
