@@ -98,7 +98,9 @@ def _train(cfg) -> int:
     try:
         Trainer(cfg, ctx).run()
     except Exception as e:
-        if heartbeat is None or not is_collective_failure(e):
+        # Errors that already are one line (e.g. a checkpoint error caused inside torch.distributed.checkpoint)
+        # go to train_main as they are; only a failed collective is the watchdog's to report.
+        if heartbeat is None or isinstance(e, _user_errors()) or not is_collective_failure(e):
             raise
         if threading.current_thread() is threading.main_thread():  # no graceful stop is possible now:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a launcher's SIGTERM ends us at once
