@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from moetrain.config.schema import FSSDPConfig, RouterConfig  # noqa: E402
 from moetrain.moe.layer import MoELayer  # noqa: E402
 from moetrain.parallel.moe_layer import build_moe_layer  # noqa: E402
-from moetrain.moe.router import RouterOutput  # noqa: E402
+from moetrain.moe.routers import RouterOutput  # noqa: E402
 from moetrain.utils.local_ranks import run_distributed  # noqa: E402
 
 

@@ -9,7 +9,7 @@ from moetrain.config.schema import RouterConfig
 from moetrain.kernels.grouped_gemm import grouped_mm
 from moetrain.moe.experts import GroupedExperts, reference_experts
 from moetrain.moe.layer import MoELayer
-from moetrain.moe.router import Router, balanced_assignment, select_topk
+from moetrain.moe.routers.topk import TopKRouter as Router, balanced_assignment, select_topk
 from moetrain.moe.plan import build_plan, capacity_for, permute, unpermute
 from tests.moe_reference import dense_moe_reference
 

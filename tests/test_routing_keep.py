@@ -29,8 +29,8 @@ def with_keep_mask(layer):
     """Make the layer's router keep only the copies of `keep_pattern` (counts recomputed, as a router would)."""
     router, original = layer.router, layer.router.forward
 
-    def forward(x_TD):
-        out = original(x_TD)
+    def forward(x_TD, ctx=None):
+        out = original(x_TD, ctx)
         keep_TK = keep_pattern(x_TD.detach())
         counts_E = torch.bincount(out.topk_idx_TK[keep_TK], minlength=E).float()
         return dataclasses.replace(out, keep_TK=keep_TK, tokens_per_expert_E=counts_E)

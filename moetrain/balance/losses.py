@@ -81,10 +81,12 @@ def switch_aux_loss(
     return coeff * num_experts * (f_E * P_E).sum()
 
 
-def seq_aux_loss(scores_BSE: torch.Tensor, topk_idx_BSK: torch.Tensor, num_experts: int, coeff: float) -> torch.Tensor:
+def seq_aux_loss(scores_BSE: torch.Tensor, topk_idx_BSK: torch.Tensor, num_experts: int, coeff: float,
+                 keep_BSK: Optional[torch.Tensor] = None) -> torch.Tensor:
     """DeepSeek-V3 sequence-wise balance loss (a 0-d fp32 tensor).
 
-    Per sequence b:  f_{b,i} = E / (K*S) * #{s : expert i in topk_idx[b, s]}   (no gradient)
+    Per sequence b:  f_{b,i} = E / (K*S) * #{s : expert i in topk_idx[b, s], the copy kept}   (no gradient;
+                     `keep_BSK` marks the copies the router kept, default all)
                      P_{b,i} = mean_s s'_{b,s,i},   s' = s / sum_j s_j
     loss = coeff * mean_b sum_i f_{b,i} * P_{b,i}
     """
@@ -102,7 +104,9 @@ def seq_aux_loss(scores_BSE: torch.Tensor, topk_idx_BSK: torch.Tensor, num_exper
     with torch.no_grad():
         counts_BE = torch.zeros(B, num_experts, dtype=torch.float32, device=scores_BSE.device)
         idx_BR = topk_idx_BSK.reshape(B, S * K).long()
-        counts_BE.scatter_add_(1, idx_BR, torch.ones_like(idx_BR, dtype=torch.float32))
+        ones_BR = torch.ones_like(idx_BR, dtype=torch.float32) if keep_BSK is None else \
+            keep_BSK.reshape(B, S * K).float()
+        counts_BE.scatter_add_(1, idx_BR, ones_BR)
         f_BE = counts_BE * (num_experts / (K * S))
     P_BE = _normalise_scores(scores_BSE).mean(1)
     return coeff * (f_BE * P_BE).sum(-1).mean()

@@ -37,6 +37,10 @@ class ModelConfig:
 
 @dataclass
 class RouterConfig:
+    """The keys every routing method shares; a method adds its own in a subclass (moetrain/moe/routers/<method>.py),
+    selected with its preset (`router=<method>`), whose defaults list names the subclass (`schema_<method>`)."""
+
+    method: str = "topk"  # the routing method (set by the preset; see moetrain/moe/routers)
     top_k: int = 2
     score_func: str = "softmax"  # softmax | sigmoid
     norm_topk_prob: bool = True  # renormalise the k selected gates to sum to one
@@ -142,5 +146,9 @@ class TrainConfig:
 
 
 def register_configs() -> None:
+    from moetrain.moe.routers import ROUTERS
+
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
+    for name, router_cls in ROUTERS.items():  # configs/router/<name>.yaml extends `schema_<name>`
+        cs.store(group="router", name=f"schema_{name}", node=router_cls.config_cls)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from moetrain.config.schema import TrainConfig
+from moetrain.moe.routers import ROUTERS
 from moetrain.parallel.pipeline import CANDIDATES as PIPELINE_DEGREES
 from moetrain.telemetry.loggers import TENSORBOARD_MISSING, WANDB_MISSING, WANDB_MODES
 
@@ -36,6 +37,7 @@ class ConfigError(ValueError):
 
 # The allowed values of every string key with a fixed set of values (one place; docs/configuration.md lists them).
 CHOICES: dict[str, tuple[str, ...]] = {
+    "router.method": tuple(sorted(ROUTERS)),
     "router.score_func": ("softmax", "sigmoid"),
     "parallel.mode": ("ep", "fssdp"),
     "parallel.data_parallel": ("ddp", "fsdp"),
@@ -65,13 +67,16 @@ def schema_fields(cls: type = TrainConfig, prefix: str = "") -> Iterator[tuple[s
 
 
 def schema_keys(cls: type = TrainConfig, prefix: str = "") -> list[str]:
-    """Every dotted key of the schema, nested config nodes included (`parallel.fssdp` and its leaves)."""
+    """Every dotted key of the schema, nested config nodes included (`parallel.fssdp` and its leaves); under
+    `router` the keys of every routing method's config (each preset brings its method's own keys)."""
     keys = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         key, tp = f"{prefix}{f.name}", hints[f.name]
         keys.append(key)
-        if dataclasses.is_dataclass(tp):
+        if key == "router":
+            keys += sorted({k for r in ROUTERS.values() for k in schema_keys(r.config_cls, "router.")})
+        elif dataclasses.is_dataclass(tp):
             keys += schema_keys(tp, f"{key}.")
     return keys
 
@@ -156,6 +161,9 @@ RULES: tuple[Rule, ...] = (
     at_least("model.moe_every", 1),
     positive("model.init_std", " (the std of the initial weights; 0.02 is usual)"),
     # router (top_k against model.num_experts: see _router_shape)
+    Rule("router.method", lambda v: v in ROUTERS,
+         f"is unknown; select a routing method with its preset, router=NAME, NAME one of {', '.join(sorted(ROUTERS))}",
+         quote=True),
     one_of("router.score_func"),
     at_least("router.num_groups", 1, " (1 = no group-limited routing)"),
     at_least("router.topk_groups", 1),
@@ -272,6 +280,16 @@ def _model_shape(cfg: TrainConfig, world_size: int) -> Iterator[str]:
                f"(grouped-query attention)")
 
 
+def _router_method(cfg: TrainConfig, world_size: int) -> Iterator[str]:
+    """The method's own keys are present (its preset was selected) and pass the method's checks."""
+    cls = ROUTERS[cfg.router.method]
+    if not isinstance(cfg.router, cls.config_cls):
+        yield (f"router.method={cfg.router.method} needs the keys of its preset; select the method with "
+               f"router={cfg.router.method} instead of setting router.method")
+    elif cfg.model.num_experts > 0:
+        yield from cls.check(cfg.router, cfg.model)
+
+
 def _router_shape(cfg: TrainConfig, world_size: int) -> Iterator[str]:
     """top_k and expert groups against the number of experts (a dense model only needs top_k >= 1)."""
     m, r = cfg.model, cfg.router
@@ -279,8 +297,10 @@ def _router_shape(cfg: TrainConfig, world_size: int) -> Iterator[str]:
         if r.top_k < 1:
             yield f"router.top_k={r.top_k} must be >= 1"
         return
-    if not 1 <= r.top_k <= m.num_experts:
-        yield (f"router.top_k={r.top_k} must be between 1 and model.num_experts={m.num_experts}; "
+    choices = ROUTERS[r.method].num_choices(r, m.num_experts) if r.method in ROUTERS else m.num_experts
+    if not 1 <= r.top_k <= choices:
+        extra = "" if choices == m.num_experts else f" plus the {choices - m.num_experts} experts of router={r.method}"
+        yield (f"router.top_k={r.top_k} must be between 1 and model.num_experts={m.num_experts}{extra}; "
                f"lower router.top_k or raise model.num_experts")
     if m.num_experts % r.num_groups:
         yield f"model.num_experts={m.num_experts} must be divisible by router.num_groups={r.num_groups}"
@@ -410,7 +430,8 @@ def _resume(cfg: TrainConfig, world_size: int) -> Iterator[str]:
 # gives one message.
 CROSS_CHECKS: tuple[tuple[Callable[[TrainConfig, int], Iterator[str]], tuple[str, ...]], ...] = (
     (_model_shape, ("model.dim", "model.n_heads", "model.n_kv_heads")),
-    (_router_shape, ("model.num_experts", "router.top_k", "router.num_groups", "router.topk_groups")),
+    (_router_method, ("router.method",)),
+    (_router_shape, ("model.num_experts", "router.method", "router.top_k", "router.num_groups", "router.topk_groups")),
     (_router_capacity, ("router.capacity_factor", "router.pad_to_capacity")),
     (_fssdp_layout, ("model.num_experts", "parallel.mode", "parallel.ep", "parallel.data_parallel")),
     (_ep_layout, ("model.num_experts", "parallel.mode", "parallel.ep", "parallel.data_parallel")),

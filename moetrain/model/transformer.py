@@ -23,6 +23,7 @@ from moetrain.model.mlp import SwiGLU
 from moetrain.model.norm import RMSNorm
 from moetrain.model.rope import rope_cos_sin
 from moetrain.moe.layer import MoELayer
+from moetrain.moe.routers import router_class
 
 
 def check_tokens(tokens_BS: torch.Tensor, cfg: ModelConfig) -> None:
@@ -68,11 +69,12 @@ class Block(nn.Module):
         else:
             self.ffn = SwiGLU(cfg.dim, cfg.ffn_hidden)
 
-    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """(x_BSD, the MoE layer's RoutingRecord or None for a dense block)."""
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, carry: Optional[torch.Tensor] = None):
+        """(x_BSD, the MoE layer's RoutingRecord or None for a dense block); `carry` is the previous MoE layer's
+        `RoutingRecord.carry`, passed to this block's router."""
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin)
         if isinstance(self.ffn, MoELayer):
-            y_BSD, record = self.ffn(self.ffn_norm(x_BSD), return_record=True)
+            y_BSD, record = self.ffn(self.ffn_norm(x_BSD), return_record=True, carry=carry)
             return x_BSD + y_BSD, record
         return x_BSD + self.ffn(self.ffn_norm(x_BSD)), None
 
@@ -125,14 +127,15 @@ class TransformerLM(nn.Module):
         S = tokens_BS.shape[1]
         cos, sin = rope_cos_sin(S, self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta, tokens_BS.device)
         h_BSD = self.tok_embeddings(tokens_BS)
-        records = []
+        records, carry = [], None
         for block in self.layers:
             if self.activation_checkpointing and torch.is_grad_enabled():
-                h_BSD, record = checkpoint(block, h_BSD, cos, sin, use_reentrant=False)
+                h_BSD, record = checkpoint(block, h_BSD, cos, sin, carry, use_reentrant=False)
             else:
-                h_BSD, record = block(h_BSD, cos, sin)
+                h_BSD, record = block(h_BSD, cos, sin, carry)
             if record is not None:
                 records.append(record)
+                carry = record.carry
         logits_BSV = self.output(self.norm(h_BSD)).float()
         return (logits_BSV, records) if return_records else logits_BSV
 
@@ -142,11 +145,12 @@ def count_parameters(cfg: ModelConfig, router_cfg: RouterConfig) -> dict[str, in
     with torch.device("meta"):
         model = TransformerLM(cfg, router_cfg)
     total = active = 0
+    per_token = router_class(router_cfg).experts_per_token(router_cfg, cfg.num_experts)
     for name, p in model.named_parameters():
         n = p.numel()
         total += n
         if getattr(p, "expert_ids", None) is not None:
-            n = n // cfg.num_experts * router_cfg.top_k
+            n = round(n / cfg.num_experts * per_token)
         active += n
     embedding = model.tok_embeddings.weight.numel()
     return {"total": total, "active": active, "embedding": embedding,

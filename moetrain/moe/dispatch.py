@@ -18,7 +18,8 @@ overlap the transfer of chunk c+1 and the combine of chunk c-1 with the expert c
 autograd-correct.
 
 Besides the data path a dispatcher has per-step hooks (every rank, same order): `degree` (the pipeline chunks it
-uses now), `after_step(step, global_tokens_per_expert_E, optimizer)`, `step_metrics(prefix)` and a JSON-able
+uses now), `expert_location_E()` (the rank that computes each expert, for routers that limit how many ranks or
+nodes a token reaches), `after_step(step, global_tokens_per_expert_E, optimizer)`, `step_metrics(prefix)` and a JSON-able
 `run_state()` / `load_run_state(state)` for checkpoints. Communicating dispatchers and their tuners live in
 `moetrain.parallel`; the MoE layer only talks to this interface.
 """
@@ -57,6 +58,8 @@ class Dispatcher(Protocol):
 
     def step_metrics(self, prefix: str) -> dict: ...
 
+    def expert_location_E(self) -> Optional[torch.Tensor]: ...  # rank computing each expert now; None: this rank
+
     def run_state(self) -> dict: ...
 
     def load_run_state(self, state: dict) -> bool: ...
@@ -86,6 +89,9 @@ class LocalDispatcher(NoStepState):
     def __init__(self, num_experts: int, capacity_factor=None, pad_to_capacity: bool = False):
         self.num_experts = self.num_local_experts = num_experts
         self.capacity_factor, self.pad_to_capacity = capacity_factor, pad_to_capacity
+
+    def expert_location_E(self) -> None:
+        return None
 
     def plan(self, topk_idx_TK: torch.Tensor, gates_TK: torch.Tensor,
              keep_TK: Optional[torch.Tensor] = None) -> RoutingPlan:

@@ -21,13 +21,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moetrain.balance import losses
 from moetrain.config.schema import RouterConfig
 from moetrain.model.mlp import SwiGLU
 from moetrain.moe.dispatch import Dispatcher, LocalDispatcher
 from moetrain.moe.experts import GroupedExperts
-from moetrain.moe.router import Router
-
+from moetrain.moe.routers import RouteContext, build_router
 
 
 @dataclass
@@ -42,6 +40,7 @@ class RoutingRecord:
     num_dropped: int
     entropy_sum: torch.Tensor  # sum over tokens of the routing entropy -sum_e p log p (p = normalised scores)
     losses: dict[str, torch.Tensor]  # each configured router loss (with its graph)
+    carry: Optional[torch.Tensor] = None  # what this layer's router hands to the next MoE layer's router
 
     @property
     def loss(self) -> Optional[torch.Tensor]:
@@ -60,8 +59,9 @@ class MoELayer(nn.Module):
                  dp_group: Optional[dist.ProcessGroup] = None, backend: str = "auto"):
         super().__init__()
         self.layer_id, self.num_experts, self.router_cfg = layer_id, num_experts, router_cfg
+        self.dim, self.hidden, self.num_shared = dim, hidden, num_shared
         self.dp_group = dp_group  # the ranks over which the router is data parallel (for global aux-loss counts)
-        self.router = Router(dim, num_experts, router_cfg)
+        self.router = build_router(dim, num_experts, router_cfg)
         if dispatcher is None:
             dispatcher = LocalDispatcher(num_experts, router_cfg.capacity_factor, router_cfg.pad_to_capacity)
         self.dispatcher = dispatcher
@@ -79,11 +79,13 @@ class MoELayer(nn.Module):
         """Pipeline chunks used by this step's forwards."""
         return self.dispatcher.degree
 
-    def forward(self, x_BSD: torch.Tensor, return_record: bool = False):
-        """y_BSD, or (y_BSD, RoutingRecord) with return_record."""
+    def forward(self, x_BSD: torch.Tensor, return_record: bool = False, carry: Optional[torch.Tensor] = None):
+        """y_BSD, or (y_BSD, RoutingRecord) with return_record. `carry` is the previous MoE layer's
+        `RoutingRecord.carry` (for routers that look at the previous layer's routing, e.g. gating residuals)."""
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
-        routed = self.router(x_TD)
+        ctx = RouteContext((B, S), self.dp_group, carry, self.dispatcher.expert_location_E())
+        routed = self.router(x_TD, ctx)
         d = self.dispatcher
         plan = d.plan(routed.topk_idx_TK, routed.gates_TK, keep_TK=routed.keep_TK)
         x_RD = d.dispatch_preprocess(x_TD, plan)
@@ -100,6 +102,8 @@ class MoELayer(nn.Module):
         y_TD = d.combine_postprocess(y_RD, plan).to(x_BSD.dtype)
         if shared_TD is not None:
             y_TD = y_TD + shared_TD
+        if routed.local_out_TD is not None:  # the router's virtual experts, computed on this rank
+            y_TD = y_TD + routed.local_out_TD.to(y_TD.dtype)
         tokens_per_local_expert_L = counts[0] if len(counts) == 1 else torch.cat(counts)
 
         y_BSD = y_TD.view(B, S, D)
@@ -110,8 +114,15 @@ class MoELayer(nn.Module):
             entropy_sum = -(p_TE * p_TE.clamp_min(1e-20).log()).sum()
         record = RoutingRecord(self.layer_id, routed.tokens_per_expert_E, tokens_per_local_expert_L.detach(), B * S,
                                int(routed.tokens_per_expert_E.sum()), plan.num_dropped, entropy_sum,
-                               self._router_losses(routed, routed.tokens_per_expert_E, B, S))
+                               self.router.losses(routed, ctx), routed.carry)
         return y_BSD, record
+
+    def flops_per_token(self, experts_per_token: float) -> float:
+        """Forward FLOPs per token of this layer for a measured number of routed experts per token:
+        2*D*X (gate over the router's X choices) + (experts_per_token + shared) * 6*D*F (SwiGLU: three D x F
+        matmuls, 2 FLOPs per multiply-add). Backward costs about twice as much."""
+        gate = 2 * self.dim * self.router.gate.weight.shape[0]
+        return float(gate + (experts_per_token + self.num_shared) * 6 * self.dim * self.hidden)
 
     def after_step(self, step: int, global_tokens_per_expert_E: torch.Tensor,
                    optimizer: Optional[torch.optim.Optimizer]) -> None:
@@ -139,20 +150,3 @@ class MoELayer(nn.Module):
         if not self.experts.load_run_state(state.get("experts", {})):
             rederived.append(f"layer {self.layer_id} expert placement")
         return rederived
-
-    def _router_losses(self, routed, counts_E: torch.Tensor, B: int, S: int) -> dict[str, torch.Tensor]:
-        cfg, E, K = self.router_cfg, self.num_experts, self.router_cfg.top_k
-        terms: dict[str, torch.Tensor] = {}
-        if cfg.aux_loss_coeff > 0:
-            global_counts_E = counts_E.float()
-            if self.dp_group is not None and dist.get_world_size(self.dp_group) > 1:
-                global_counts_E = global_counts_E.clone()
-                dist.all_reduce(global_counts_E, group=self.dp_group)
-            terms["aux"] = losses.switch_aux_loss(routed.scores_TE, routed.topk_idx_TK, E, cfg.aux_loss_coeff,
-                                                  global_counts_E)
-        if cfg.seq_aux_loss_coeff > 0:
-            terms["seq_aux"] = losses.seq_aux_loss(routed.scores_TE.view(B, S, E), routed.topk_idx_TK.view(B, S, K),
-                                                   E, cfg.seq_aux_loss_coeff)
-        if cfg.z_loss_coeff > 0:
-            terms["z"] = losses.z_loss(routed.logits_TE, cfg.z_loss_coeff)
-        return terms

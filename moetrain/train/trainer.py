@@ -297,6 +297,7 @@ class Trainer:
                 rank_loads=compute["rank_loads"][i]))
             metrics[f"moe/layer{m.layer_id}/entropy"] = compute["entropy"][i]
             metrics[f"moe/layer{m.layer_id}/experts_per_token"] = compute["experts_per_token"][i]
+            metrics[f"moe/layer{m.layer_id}/flops_per_token"] = m.flops_per_token(compute["experts_per_token"][i])
             metrics[f"moe/layer{m.layer_id}/pipeline_degree"] = self.step_degrees[i]
         metrics.update(self.window.summary())
         for m in self.balance.layers:

@@ -153,6 +153,9 @@ class AllToAllDispatcher:
         self._timings.clear()
         self.tuner.end_step(global_tokens_per_expert_E)
 
+    def expert_location_E(self):
+        return None
+
     def step_metrics(self, prefix: str) -> dict:
         return {}
 
