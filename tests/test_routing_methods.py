@@ -24,14 +24,9 @@ METHODS = sorted(ROUTERS)
 EXPERT_WEIGHTS = ("experts.w1_EDF", "experts.w3_EDF", "experts.w2_EFD")
 
 
-def preset(method: str) -> str:
-    """configs/router/<method>.yaml; top-k routing is the default preset."""
-    return "default" if method == "topk" else method
-
-
 def router_cfg(method: str):
-    """The method's preset, as a user selects it, on a model of E experts."""
-    return compose_config([f"router={preset(method)}", f"model.num_experts={E}"]).router
+    """The method's preset (configs/router/<method>.yaml), as a user selects it, on a model of E experts."""
+    return compose_config([f"router={method}", f"model.num_experts={E}"]).router
 
 
 def global_batch(seed=7):
@@ -112,7 +107,7 @@ def _train_body(rank, world_size, args):
 def train(run, cache_dir, method, world, *extra):
     from moetrain.cli import train_main
 
-    args = overrides(run, cache_dir, "trainer.max_steps=20", f"router={preset(method)}", "model.num_experts=8",
+    args = overrides(run, cache_dir, "trainer.max_steps=20", f"router={method}", "model.num_experts=8",
                      "router.bias_update_rate=0.01", *extra)
     if world == 1:
         assert train_main(args) == 0

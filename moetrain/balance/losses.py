@@ -85,8 +85,9 @@ def seq_aux_loss(scores_BSE: torch.Tensor, topk_idx_BSK: torch.Tensor, num_exper
                  keep_BSK: Optional[torch.Tensor] = None) -> torch.Tensor:
     """DeepSeek-V3 sequence-wise balance loss (a 0-d fp32 tensor).
 
-    Per sequence b:  f_{b,i} = E / (K*S) * #{s : expert i in topk_idx[b, s], the copy kept}   (no gradient;
-                     `keep_BSK` marks the copies the router kept, default all)
+    Per sequence b:  f_{b,i} = E / N_b * #{s : expert i in topk_idx[b, s], the copy kept}   (no gradient;
+                     `keep_BSK` marks the copies the router kept, default all; N_b = the kept copies of sequence b,
+                     K*S without a mask)
                      P_{b,i} = mean_s s'_{b,s,i},   s' = s / sum_j s_j
     loss = coeff * mean_b sum_i f_{b,i} * P_{b,i}
     """
@@ -107,7 +108,11 @@ def seq_aux_loss(scores_BSE: torch.Tensor, topk_idx_BSK: torch.Tensor, num_exper
         ones_BR = torch.ones_like(idx_BR, dtype=torch.float32) if keep_BSK is None else \
             keep_BSK.reshape(B, S * K).float()
         counts_BE.scatter_add_(1, idx_BR, ones_BR)
-        f_BE = counts_BE * (num_experts / (K * S))
+        # f = E * count / (copies of the sequence): K*S copies, or the kept ones when a keep mask is given (so the
+        # value does not depend on the width of the (S, K) layout a router with a variable number of experts uses)
+        copies_B1 = torch.full((B, 1), float(K * S), device=scores_BSE.device) if keep_BSK is None else \
+            keep_BSK.reshape(B, S * K).float().sum(1, keepdim=True).clamp_min(1.0)
+        f_BE = counts_BE * num_experts / copies_B1
     P_BE = _normalise_scores(scores_BSE).mean(1)
     return coeff * (f_BE * P_BE).sum(-1).mean()
 

@@ -6,6 +6,7 @@ working directory never changes, and a bad override becomes one clear line inste
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 from pathlib import Path
@@ -75,8 +76,21 @@ def nearest_key(key: str) -> Optional[str]:
     return None if best is None else f"{parent}.{best}" if parent else best
 
 
+def method_of_key(key: str) -> list[str]:
+    """The routing methods whose own config has `key` (`router.threshold` -> ['top_p'])."""
+    from moetrain.config.validate import routers
+
+    leaf = key.removeprefix("router.")
+    return sorted(name for name, cls in routers().items() if leaf in {f.name for f in dataclasses.fields(cls.config_cls)})
+
+
 def unknown_key(key: str) -> str:
-    """'unknown config key ...' with the nearest schema key, or a pointer to --cfg when nothing is near."""
+    """'unknown config key ...' with the nearest schema key, or a pointer to --cfg when nothing is near; a key of
+    another routing method names the preset that has it."""
+    owners = method_of_key(key) if key.startswith("router.") else []
+    if owners:
+        presets = " or ".join(f"router={m}" for m in owners)
+        return f"'{key}' is a key of the routing method {presets}, not of the selected one; select {presets} to use it"
     best = nearest_key(key)
     if best is not None:
         return f"unknown config key '{key}'; did you mean {best}?"

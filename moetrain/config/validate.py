@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from moetrain.config.schema import TrainConfig
-from moetrain.moe.routers import ROUTERS
 from moetrain.parallel.pipeline import CANDIDATES as PIPELINE_DEGREES
 from moetrain.telemetry.loggers import TENSORBOARD_MISSING, WANDB_MISSING, WANDB_MODES
 
@@ -55,6 +54,13 @@ SEED_LIMIT = 2**32  # trainer.seed is combined with step and expert ids into tor
 
 
 # ------------------------------------------------------------------------------------------------ schema walking
+def routers() -> dict:
+    """The routing methods' registry (imported here, not at module level: the routers import the config package)."""
+    from moetrain.moe.routers import ROUTERS
+
+    return ROUTERS
+
+
 def schema_fields(cls: type = TrainConfig, prefix: str = "") -> Iterator[tuple[str, Any]]:
     """(dotted key, annotated type) of every leaf field of the schema, in declaration order."""
     hints = typing.get_type_hints(cls)
@@ -75,7 +81,7 @@ def schema_keys(cls: type = TrainConfig, prefix: str = "") -> list[str]:
         key, tp = f"{prefix}{f.name}", hints[f.name]
         keys.append(key)
         if key == "router":
-            keys += sorted({k for r in ROUTERS.values() for k in schema_keys(r.config_cls, "router.")})
+            keys += sorted({k for r in routers().values() for k in schema_keys(r.config_cls, "router.")})
         elif dataclasses.is_dataclass(tp):
             keys += schema_keys(tp, f"{key}.")
     return keys
@@ -161,9 +167,6 @@ RULES: tuple[Rule, ...] = (
     at_least("model.moe_every", 1),
     positive("model.init_std", " (the std of the initial weights; 0.02 is usual)"),
     # router (top_k against model.num_experts: see _router_shape)
-    Rule("router.method", lambda v: v in ROUTERS,
-         f"is unknown; select a routing method with its preset, router=NAME, NAME one of {', '.join(sorted(ROUTERS))}",
-         quote=True),
     one_of("router.score_func"),
     at_least("router.num_groups", 1, " (1 = no group-limited routing)"),
     at_least("router.topk_groups", 1),
@@ -282,8 +285,11 @@ def _model_shape(cfg: TrainConfig, world_size: int) -> Iterator[str]:
 
 def _router_method(cfg: TrainConfig, world_size: int) -> Iterator[str]:
     """The method's own keys are present (its preset was selected) and pass the method's checks."""
-    cls = ROUTERS[cfg.router.method]
-    if not isinstance(cfg.router, cls.config_cls):
+    cls = routers().get(cfg.router.method)
+    if cls is None:
+        yield (f"router.method='{show(cfg.router.method)}' is unknown; select a routing method with its preset, "
+               f"router=NAME, NAME one of {', '.join(sorted(routers()))}")
+    elif not isinstance(cfg.router, cls.config_cls):
         yield (f"router.method={cfg.router.method} needs the keys of its preset; select the method with "
                f"router={cfg.router.method} instead of setting router.method")
     elif cfg.model.num_experts > 0:
@@ -297,7 +303,8 @@ def _router_shape(cfg: TrainConfig, world_size: int) -> Iterator[str]:
         if r.top_k < 1:
             yield f"router.top_k={r.top_k} must be >= 1"
         return
-    choices = ROUTERS[r.method].num_choices(r, m.num_experts) if r.method in ROUTERS else m.num_experts
+    cls = routers().get(r.method)
+    choices = cls.num_choices(r, m.num_experts) if cls is not None else m.num_experts
     if not 1 <= r.top_k <= choices:
         extra = "" if choices == m.num_experts else f" plus the {choices - m.num_experts} experts of router={r.method}"
         yield (f"router.top_k={r.top_k} must be between 1 and model.num_experts={m.num_experts}{extra}; "
