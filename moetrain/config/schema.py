@@ -47,6 +47,8 @@ class RouterConfig:
     route_scale: float = 1.0  # gates are multiplied by this after (optional) renormalisation
     num_groups: int = 1  # group-limited routing: experts split in this many groups ...
     topk_groups: int = 1  # ... and a token may only use experts of this many groups
+    group_by: str = "experts"  # experts: groups are equal expert-id ranges | ranks: num_groups blocks of the ranks
+                               # computing the experts now (node-limited routing; docs/routers/deepseek_moe.md)
     bias_update_rate: float = 1e-3  # aux-loss-free balancing: b += u * sign(mean(c) - c); 0 turns it off
     bias_update_center: bool = False  # subtract the mean of the update
     bias_update_stop_frac: float = 1.0  # the rate falls to zero after this fraction of trainer.max_steps

@@ -38,6 +38,7 @@ class ConfigError(ValueError):
 CHOICES: dict[str, tuple[str, ...]] = {
     "router.method": tuple(sorted(ROUTERS)),
     "router.score_func": ("softmax", "sigmoid"),
+    "router.group_by": ("experts", "ranks"),
     "parallel.mode": ("ep", "fssdp"),
     "parallel.data_parallel": ("ddp", "fsdp"),
     "parallel.pipeline_degree": ("auto",) + tuple(str(n) for n in PIPELINE_DEGREES),
@@ -170,6 +171,7 @@ RULES: tuple[Rule, ...] = (
     one_of("router.score_func"),
     at_least("router.num_groups", 1, " (1 = no group-limited routing)"),
     at_least("router.topk_groups", 1),
+    one_of("router.group_by"),
     positive("router.route_scale", " (gates are multiplied by it; 1.0 leaves them as they are)"),
     non_negative("router.bias_update_rate", " (0 turns the bias update off)"),
     fraction("router.bias_update_stop_frac", "[0, 1]",

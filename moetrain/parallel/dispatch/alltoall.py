@@ -34,6 +34,8 @@ from moetrain.parallel.dispatch.placement import Placement
 
 
 class PlacementSource(Protocol):
+    owners: list[int]  # owner rank of each expert now (changes only between steps, e.g. FSSDP re-sharding)
+
     def placement_for(self, tokens_per_expert_E: torch.Tensor) -> Placement: ...
 
 
@@ -42,6 +44,7 @@ class StaticPlacement:
 
     def __init__(self, placement: Placement):
         self.placement = placement
+        self.owners = [placement.owner(e) for e in range(placement.num_experts)]
 
     def placement_for(self, tokens_per_expert_E: torch.Tensor) -> Placement:
         return self.placement
@@ -137,6 +140,7 @@ class AllToAllDispatcher:
         self.tuner = DegreeTuner(self.num_local_experts, group) if pipeline_degree == "auto" else None
         self._fixed_degree = 1 if pipeline_degree == "auto" else int(pipeline_degree)
         self._timings: list = []  # (start, stop, tokens) of this step's timed forwards
+        self._location: tuple[Optional[list[int]], Optional[torch.Tensor]] = (None, None)  # (owners, location_E)
 
     @property
     def degree(self) -> int:
@@ -153,8 +157,20 @@ class AllToAllDispatcher:
         self._timings.clear()
         self.tuner.end_step(global_tokens_per_expert_E)
 
-    def expert_location_E(self):
-        return None
+    def expert_location_E(self) -> torch.Tensor:
+        """location_E: the rank owning each expert now, int64 on the tokens' device (CUDA under NCCL, else CPU), for
+        routers that limit the ranks or nodes a token reaches. Expert parallelism: the contiguous owners, e // (E/W);
+        FSSDP: the owners its placement source holds now (re-sharding changes them between steps). Replicas are not
+        part of it: the step's replicas are chosen after routing, from the routed counts. The same tensor is returned
+        until the owners change, so a router may cache what it derives from it."""
+        owners = self.source.owners
+        cached_owners, location_E = self._location
+        if location_E is None or cached_owners != owners:
+            backend = str(dist.get_backend(self.group))
+            device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
+            location_E = torch.tensor(owners, dtype=torch.long, device=device)
+            self._location = (list(owners), location_E)
+        return location_E
 
     def step_metrics(self, prefix: str) -> dict:
         return {}
