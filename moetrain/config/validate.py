@@ -36,7 +36,6 @@ class ConfigError(ValueError):
 
 # The allowed values of every string key with a fixed set of values (one place; docs/configuration.md lists them).
 CHOICES: dict[str, tuple[str, ...]] = {
-    "router.method": tuple(sorted(ROUTERS)),
     "router.score_func": ("softmax", "sigmoid"),
     "router.group_by": ("experts", "ranks"),
     "parallel.mode": ("ep", "fssdp"),
@@ -320,6 +319,18 @@ def _router_shape(cfg: TrainConfig, world_size: int) -> Iterator[str]:
                f"{m.num_experts // r.num_groups}; raise router.topk_groups")
 
 
+def _router_nodes(cfg: TrainConfig, world_size: int) -> Iterator[str]:
+    """group_by=ranks splits the ranks computing experts into router.num_groups nodes: it must divide them."""
+    r, par = cfg.router, cfg.parallel
+    if r.group_by != "ranks" or r.num_groups == 1 or cfg.model.num_experts == 0:
+        return
+    W = world_size if par.mode == "fssdp" else par.ep
+    if W > 1 and W % r.num_groups:
+        yield (f"router.group_by=ranks splits the {W} ranks computing experts into router.num_groups={r.num_groups} "
+               f"nodes: router.num_groups must divide {W}; set it to the number of nodes, or use "
+               f"router.group_by=experts")
+
+
 def _router_capacity(cfg: TrainConfig, world_size: int) -> Iterator[str]:
     if cfg.router.pad_to_capacity and cfg.router.capacity_factor is None:
         yield "router.pad_to_capacity=true needs a router.capacity_factor (padding is to the capacity)"
@@ -441,6 +452,7 @@ CROSS_CHECKS: tuple[tuple[Callable[[TrainConfig, int], Iterator[str]], tuple[str
     (_model_shape, ("model.dim", "model.n_heads", "model.n_kv_heads")),
     (_router_method, ("router.method",)),
     (_router_shape, ("model.num_experts", "router.method", "router.top_k", "router.num_groups", "router.topk_groups")),
+    (_router_nodes, ("router.group_by", "router.num_groups", "parallel.mode", "parallel.ep", "model.num_experts")),
     (_router_capacity, ("router.capacity_factor", "router.pad_to_capacity")),
     (_fssdp_layout, ("model.num_experts", "parallel.mode", "parallel.ep", "parallel.data_parallel")),
     (_ep_layout, ("model.num_experts", "parallel.mode", "parallel.ep", "parallel.data_parallel")),
