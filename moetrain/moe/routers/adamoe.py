@@ -126,18 +126,7 @@ class AdaMoERouter(Router):
             dist.all_reduce(counts_X, group=ctx.dp_group)
         return counts_X
 
-    def losses(self, routed: RouterOutput, ctx: RouteContext) -> dict[str, torch.Tensor]:
-        """aux over the X choices with the null pool (replaces the shared aux); seq_aux and z as shared."""
-        cfg, E = self.cfg, self.num_experts
-        terms: dict[str, torch.Tensor] = {}
-        if cfg.aux_loss_coeff > 0:
-            terms["aux"] = null_pool_aux_loss(routed.scores_TE, self.global_choice_counts(routed, ctx), E,
-                                              cfg.aux_loss_coeff)
-        if cfg.seq_aux_loss_coeff > 0:
-            B, S = ctx.batch_shape
-            terms["seq_aux"] = losses.seq_aux_loss(routed.scores_TE[:, :E].reshape(B, S, E),
-                                                   routed.topk_idx_TK.view(B, S, -1), E, cfg.seq_aux_loss_coeff,
-                                                   routed.keep_TK.view(B, S, -1))
-        if cfg.z_loss_coeff > 0:
-            terms["z"] = losses.z_loss(routed.logits_TE, cfg.z_loss_coeff)
-        return terms
+    def aux_loss(self, routed: RouterOutput, ctx: RouteContext) -> torch.Tensor:
+        """aux over the X choices with the null pool (replaces the shared aux over the E true experts)."""
+        return null_pool_aux_loss(routed.scores_TE, self.global_choice_counts(routed, ctx), self.num_experts,
+                                  self.cfg.aux_loss_coeff)

@@ -20,7 +20,8 @@ Shared by every method:
 and the balance losses (balance/losses.py), computed on the kept copies only:
     aux    = coeff * E * sum_i f_i P_i   (f from the kept counts, all-reduced over the data-parallel ranks)
     seq_aux, z as configured.
-A method overrides `route` (required) and, where the paper adds one, `losses` (calling super() for the shared ones).
+A method overrides `route` (required); `aux_loss` / `seq_aux_loss` where its balance loss covers virtual experts;
+and `losses` (calling super()) where the paper adds a loss of its own.
 
 A method is one file in this package: a `RouterConfig` subclass with its own keys and `method` default, and a
 `Router` subclass decorated with `@register(name)`. The registry imports every module of the package, and Hydra gets
@@ -115,20 +116,31 @@ class Router(nn.Module):
         raise NotImplementedError
 
     def losses(self, routed: RouterOutput, ctx: RouteContext) -> dict[str, torch.Tensor]:
-        """The configured balance losses on the kept copies over the E dispatched experts."""
-        cfg, E = self.cfg, self.num_experts
+        """The configured losses: aux and seq_aux (hooks below, which a method with virtual experts overrides to
+        cover them) and z on all logits; a method with a loss of its own adds it here, calling super()."""
+        cfg = self.cfg
         terms: dict[str, torch.Tensor] = {}
         if cfg.aux_loss_coeff > 0:
-            terms["aux"] = losses.switch_aux_loss(routed.scores_TE[:, :E], routed.topk_idx_TK, E,
-                                                  cfg.aux_loss_coeff, self.global_counts(routed, ctx))
+            terms["aux"] = self.aux_loss(routed, ctx)
         if cfg.seq_aux_loss_coeff > 0:
-            B, S = ctx.batch_shape
-            terms["seq_aux"] = losses.seq_aux_loss(routed.scores_TE[:, :E].reshape(B, S, E),
-                                                   routed.topk_idx_TK.view(B, S, -1), E, cfg.seq_aux_loss_coeff,
-                                                   None if routed.keep_TK is None else routed.keep_TK.view(B, S, -1))
+            terms["seq_aux"] = self.seq_aux_loss(routed, ctx)
         if cfg.z_loss_coeff > 0:
             terms["z"] = losses.z_loss(routed.logits_TE, cfg.z_loss_coeff)
         return terms
+
+    def aux_loss(self, routed: RouterOutput, ctx: RouteContext) -> torch.Tensor:
+        """Switch/GShard loss over the E dispatched experts, f from the kept copies counted over the data-parallel
+        ranks."""
+        E = self.num_experts
+        return losses.switch_aux_loss(routed.scores_TE[:, :E], routed.topk_idx_TK, E, self.cfg.aux_loss_coeff,
+                                      self.global_counts(routed, ctx))
+
+    def seq_aux_loss(self, routed: RouterOutput, ctx: RouteContext) -> torch.Tensor:
+        """DeepSeek-V3's sequence-wise loss over the E dispatched experts, on the kept copies."""
+        (B, S), E = ctx.batch_shape, self.num_experts
+        keep_BSK = None if routed.keep_TK is None else routed.keep_TK.view(B, S, -1)
+        return losses.seq_aux_loss(routed.scores_TE[:, :E].reshape(B, S, E), routed.topk_idx_TK.view(B, S, -1), E,
+                                   self.cfg.seq_aux_loss_coeff, keep_BSK)
 
     # ------------------------------------------------------------------ shared helpers
     def forward(self, x_TD: torch.Tensor, ctx: Optional[RouteContext] = None) -> RouterOutput:

@@ -216,22 +216,16 @@ class MoEPPRouter(Router):
         eta_X[E:] = self.cfg.zc_loss_weight
         return self.cfg.aux_loss_coeff * (eta_X * f_X * P_X).sum()
 
-    def losses(self, routed: RouterOutput, ctx: RouteContext) -> dict[str, torch.Tensor]:
-        """aux: the heterogeneous load-balancing loss over all X choices (replaces the shared aux term, which only
-        sees the dispatched experts); seq_aux over the X choices; z on logits_TX."""
-        cfg = self.cfg
-        terms: dict[str, torch.Tensor] = {}
-        if cfg.aux_loss_coeff > 0:
-            terms["aux"] = self.heterogeneous_balance_loss(routed, ctx)
-        if cfg.seq_aux_loss_coeff > 0:
-            B, S = ctx.batch_shape
-            X = routed.scores_TE.shape[1]
-            choice_TK = routed.stats["choice_idx_TK"]
-            terms["seq_aux"] = losses.seq_aux_loss(routed.scores_TE.reshape(B, S, X), choice_TK.view(B, S, -1), X,
-                                                   cfg.seq_aux_loss_coeff)
-        if cfg.z_loss_coeff > 0:
-            terms["z"] = losses.z_loss(routed.logits_TE, cfg.z_loss_coeff)
-        return terms
+    def aux_loss(self, routed: RouterOutput, ctx: RouteContext) -> torch.Tensor:
+        """The heterogeneous load-balancing loss over all X choices (the shared aux only sees dispatched experts)."""
+        return self.heterogeneous_balance_loss(routed, ctx)
+
+    def seq_aux_loss(self, routed: RouterOutput, ctx: RouteContext) -> torch.Tensor:
+        """The sequence-wise loss over the X choices (zero-computation choices count as chosen)."""
+        (B, S), X = ctx.batch_shape, routed.scores_TE.shape[1]
+        choice_TK = routed.stats["choice_idx_TK"]
+        return losses.seq_aux_loss(routed.scores_TE.reshape(B, S, X), choice_TK.view(B, S, -1), X,
+                                   self.cfg.seq_aux_loss_coeff)
 
 
 def choice_kinds(cfg: MoEPPConfig, num_experts: int) -> list[str]:
