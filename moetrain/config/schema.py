@@ -74,6 +74,8 @@ class ParallelConfig:
     mode: str = "ep"  # ep | fssdp
     ep: int = 1  # expert-parallel size (mode=ep); the data-parallel size is world_size / ep
     data_parallel: str = "ddp"  # ddp | fsdp: how dense parameters are kept across ranks
+    dp_replicate: int = 1  # fsdp only: HSDP, shard within groups of world/dp_replicate ranks, replicate across them
+    mixed_precision: str = "fp32"  # fp32 | bf16 (fp32 master weights and optimizer state, bf16 compute)
     pipeline_degree: str = "1"  # auto | 1 | 2 | 4 | 8 (chunks for comm/compute overlap)
     backend: str = "auto"  # auto (nccl on cuda, gloo on cpu) | gloo | nccl
     timeout_s: float = 180.0  # a collective waiting longer than this ends the job, naming the rank that stopped
@@ -132,6 +134,7 @@ class TrainerConfig:
     run_dir: str = "runs/${model.name}"
     device: str = "auto"  # auto | cpu | cuda
     dry_run: bool = False  # print parameter counts and exit
+    dry_run_world_size: int = 0  # the world size the dry run plans memory for (0: the launched processes)
     activation_checkpointing: bool = False
     progress: bool = True
 
