@@ -75,7 +75,8 @@ class ParallelConfig:
     ep: int = 1  # expert-parallel size (mode=ep); the data-parallel size is world_size / ep
     data_parallel: str = "ddp"  # ddp | fsdp: how dense parameters are kept across ranks
     dp_replicate: int = 1  # fsdp only: HSDP, shard within groups of world/dp_replicate ranks, replicate across them
-    mixed_precision: str = "fp32"  # fp32 | bf16 (fp32 master weights and optimizer state, bf16 compute)
+    mixed_precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 (fp32 master weights and
+    #                                optimizer state, bf16 compute, fp32 gradient reduction)
     pipeline_degree: str = "1"  # auto | 1 | 2 | 4 | 8 (chunks for comm/compute overlap)
     backend: str = "auto"  # auto (nccl on cuda, gloo on cpu) | gloo | nccl
     timeout_s: float = 180.0  # a collective waiting longer than this ends the job, naming the rank that stopped

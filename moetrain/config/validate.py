@@ -42,7 +42,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "parallel.data_parallel": ("ddp", "fsdp"),
     "parallel.pipeline_degree": ("auto",) + tuple(str(n) for n in PIPELINE_DEGREES),
     "parallel.backend": ("auto", "gloo", "nccl"),
-    "parallel.mixed_precision": ("fp32", "bf16"),
+    "parallel.mixed_precision": ("auto", "fp32", "bf16"),
     "optim.name": ("adamw",),
     "optim.schedule": ("cosine", "constant"),
     "optim.impl": ("auto", "fused", "foreach", "apex"),
