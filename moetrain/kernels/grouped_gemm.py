@@ -19,11 +19,45 @@ torch 2.13 CPU bug where `_grouped_mm`'s own backward fails on a stride-0 incomi
 function: it saves x, h1, h3 (and the weights) instead of the five activations autograd keeps, recomputes
 silu(h1) in backward, writes dh3 in place of dh, and accumulates dx = dh1 @ w1^T + dh3 @ w3^T with one addmm per
 group instead of a separate add over all rows.
+
+Mixed precision. Both entry points behave like an autocast matmul: under torch.autocast (any device) the rows and
+the weights are cast to the autocast dtype (bf16) before the autograd function, otherwise to the rows' dtype. The
+weights are cast outside the function, so the fp32 master weights receive fp32 gradients through the cast's
+backward, and every gradient the function returns has its input's dtype. Forward and backward run with autocast off
+(torch.amp.custom_fwd/custom_bwd would do the same, but they bind one device type at definition time and these
+functions serve CPU and CUDA), so nothing inside is re-cast behind their back. Every backend accumulates in fp32:
+torch._grouped_mm and torch.mm do for bf16 operands, and the Triton kernels feed bf16 operands to tl.dot (tensor
+cores, fp32 accumulator) and use exact fp32 (`input_precision="ieee"`) only for fp32 operands.
 """
 
 from __future__ import annotations
 
+import functools
+from typing import Optional
+
 import torch
+
+
+def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The autocast dtype when autocast is enabled for x's device type and x is floating point, else None."""
+    device_type = x.device.type
+    if x.is_floating_point() and torch.amp.is_autocast_available(device_type) \
+            and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def without_autocast(fn):
+    """Run an autograd Function's forward/backward with autocast off on the device of its first tensor argument."""
+    @functools.wraps(fn)
+    def run(ctx, *args):
+        device_type = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+        if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+            return fn(ctx, *args)
+        with torch.autocast(device_type, enabled=False):
+            return fn(ctx, *args)
+
+    return run
 
 
 def _aligned(*tensors: torch.Tensor) -> bool:
@@ -73,6 +107,19 @@ def _pow2_block(n: int, cap: int = 64) -> int:
     return max(16, min(cap, 1 << max(0, (n - 1).bit_length())))
 
 
+def _dot_fp32(kernel, dtype: torch.dtype) -> bool:
+    """Whether the Triton kernel multiplies in exact fp32: for fp32 operands, and under the Triton interpreter, whose
+    tl.dot does not convert bf16 operands (it multiplies their bit patterns; the tests run there). fp32 products of
+    bf16 values are exact, so both ways compute the same sum of products as the tensor cores (bf16 in, fp32 acc)."""
+    if dtype == torch.float32:
+        return True
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except Exception:  # noqa: BLE001 - older triton: no interpreter class to test for
+        return False
+    return isinstance(kernel, InterpretedFunction)
+
+
 def _triton_forward(x_RD: torch.Tensor, w_EDF: torch.Tensor, counts: list[int], offs_E: torch.Tensor) -> torch.Tensor:
     from moetrain.kernels.triton_grouped_gemm import grouped_mm_kernel
 
@@ -90,7 +137,8 @@ def _triton_forward(x_RD: torch.Tensor, w_EDF: torch.Tensor, counts: list[int], 
     grouped_mm_kernel[(len(tile_expert), -(-N // BN))](
         x_RD, w_EDF, y_RN, torch.tensor(tile_expert, device=device), torch.tensor(tile_row, device=device),
         offs_E.to(device=device, dtype=torch.int64), Kd, N, x_RD.stride(0), w_EDF.stride(0), w_EDF.stride(1),
-        w_EDF.stride(2), y_RN.stride(0), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
+        w_EDF.stride(2), y_RN.stride(0), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
+        DOT_FP32=_dot_fp32(grouped_mm_kernel, x_RD.dtype))
     return y_RN
 
 
@@ -103,7 +151,7 @@ def _triton_weight_grad(x_RD: torch.Tensor, dy_RN: torch.Tensor, counts: list[in
     dw = dy_RN.new_empty(len(counts), Kd, N)
     grouped_wgrad_kernel[(len(counts), -(-Kd // BK), -(-N // BN))](
         x_RD, dy_RN, dw, offs_E.to(device=x_RD.device, dtype=torch.int64), Kd, N, x_RD.stride(0), dy_RN.stride(0),
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, DOT_FP32=_dot_fp32(grouped_wgrad_kernel, x_RD.dtype))
     return dw
 
 
@@ -149,6 +197,7 @@ def _weight_grad(x_RD, dy_RF, counts: list[int], offs_E, impl: str) -> torch.Ten
 
 class _GroupedMM(torch.autograd.Function):
     @staticmethod
+    @without_autocast
     def forward(ctx, x_RD, w_EDF, tokens_per_group_E, backend):
         counts = tokens_per_group_E.tolist()
         offs_E = _offsets(tokens_per_group_E)
@@ -158,6 +207,7 @@ class _GroupedMM(torch.autograd.Function):
         return _forward(x_RD, w_EDF, counts, offs_E, impl)
 
     @staticmethod
+    @without_autocast
     def backward(ctx, dy_RF):
         x_RD, w_EDF, offs_E = ctx.saved_tensors
         dy_RF = dy_RF.contiguous()
@@ -173,16 +223,18 @@ def grouped_mm(x_RD: torch.Tensor, w_EDF: torch.Tensor, tokens_per_group_E: torc
                backend: str = "auto") -> torch.Tensor:
     """y_RF = per-group x @ w (see module docstring). backend: auto | grouped_mm | triton | loop.
 
-    `tokens_per_group_E` must sum to R; a group may be empty (its weight gradient is zero).
+    `tokens_per_group_E` must sum to R; a group may be empty (its weight gradient is zero). Under autocast the
+    operands are cast to the autocast dtype (see module docstring), else w to x's dtype.
     """
-    w_EDF = w_EDF.to(x_RD.dtype)
-    return _GroupedMM.apply(x_RD, w_EDF, tokens_per_group_E, backend)
+    dt = autocast_dtype(x_RD) or x_RD.dtype
+    return _GroupedMM.apply(x_RD.to(dt), w_EDF.to(dt), tokens_per_group_E, backend)
 
 
 class _GroupedSwiGLU(torch.autograd.Function):
     """y_RD = grouped(silu(grouped(x_RD, w1)) * grouped(x_RD, w3), w2) with a hand-written backward."""
 
     @staticmethod
+    @without_autocast
     def forward(ctx, x_RD, w1_EDF, w3_EDF, w2_EFD, tokens_per_group_E, backend):
         counts = tokens_per_group_E.tolist()
         offs_E = _offsets(tokens_per_group_E)
@@ -196,6 +248,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
         return y_RD
 
     @staticmethod
+    @without_autocast
     def backward(ctx, dy_RD):
         x_RD, w1_EDF, w3_EDF, w2_EFD, h1_RF, h3_RF, offs_E = ctx.saved_tensors
         counts, impl = ctx.counts, ctx.impl
@@ -227,6 +280,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
 
 def grouped_swiglu(x_RD: torch.Tensor, w1_EDF: torch.Tensor, w3_EDF: torch.Tensor, w2_EFD: torch.Tensor,
                    tokens_per_group_E: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """y_RD = per-group silu(x @ w1) * (x @ w3) @ w2 (rows grouped by expert; see module docstring)."""
-    dt = x_RD.dtype
-    return _GroupedSwiGLU.apply(x_RD, w1_EDF.to(dt), w3_EDF.to(dt), w2_EFD.to(dt), tokens_per_group_E, backend)
+    """y_RD = per-group silu(x @ w1) * (x @ w3) @ w2 (rows grouped by expert; see module docstring). Computed in the
+    autocast dtype under autocast (x and the weights cast to it, y in it), else in x's dtype."""
+    dt = autocast_dtype(x_RD) or x_RD.dtype
+    return _GroupedSwiGLU.apply(x_RD.to(dt), w1_EDF.to(dt), w3_EDF.to(dt), w2_EFD.to(dt), tokens_per_group_E, backend)

@@ -14,11 +14,19 @@ Two backends behind the same two autograd functions, picked by device (`backend=
   * triton (CUDA when triton is importable; the interpreter on CPU in tests): the sums over "the rows of token t" are
     gathers through the inverse map row_TK (row of copy (t, k), -1 if dropped), so no kernel needs atomics and the
     result is deterministic (kernels/triton_permute.py).
+
+Dtypes (mixed precision, see moetrain/train/precision.py): rows travel in their own dtype (bf16 under autocast);
+the sums accumulate in fp32 (at least). `combine` returns promote(y, gates) - fp32 for bf16 rows and the router's
+fp32 gates, the dtype of the residual stream it is added to; the permutation's backward returns the tokens' dtype.
+Every backward returns each gradient in its input's dtype; forward and backward run with autocast off (index_add,
+mul and bmm would otherwise be re-cast).
 """
 
 from __future__ import annotations
 
 import torch
+
+from moetrain.kernels.grouped_gemm import without_autocast
 
 _BLOCK_D = 256
 _CHUNK_BYTES = 4 << 20
@@ -70,29 +78,36 @@ def gather_rows(x_SD: torch.Tensor, idx_R: torch.Tensor, scale_R: torch.Tensor |
 
 
 def sum_rows_per_token(y_RD: torch.Tensor, gates_R: torch.Tensor | None, token_idx_R: torch.Tensor,
-                       row_TK: torch.Tensor | None, num_tokens: int, backend: str) -> torch.Tensor:
-    """out_TD[t] = sum over the rows r of token t of gates_R[r] * y_RD[r] (unit gates when None)."""
+                       row_TK: torch.Tensor | None, num_tokens: int, backend: str,
+                       out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """out_TD[t] = sum over the rows r of token t of gates_R[r] * y_RD[r] (unit gates when None), accumulated in fp32
+    (or y's dtype when wider) and returned in `out_dtype` (default: y's dtype)."""
     D = y_RD.shape[1]
+    out_dtype = out_dtype or y_RD.dtype
     if backend == "triton":
         from moetrain.kernels.triton_permute import combine_rows_kernel
 
-        out = y_RD.new_empty(num_tokens, D)
+        out = y_RD.new_empty(num_tokens, D, dtype=out_dtype)  # the kernel accumulates in fp32
         if out.numel():
             combine_rows_kernel[(num_tokens, _cdiv(D, _BLOCK_D))](
                 y_RD.contiguous(), row_TK.contiguous(), gates_R.contiguous() if gates_R is not None else row_TK,
                 out, row_TK.shape[1], D, HAS_GATE=gates_R is not None, BLOCK_D=_block(D))
         return out
     R = y_RD.shape[0]
-    out = y_RD.new_zeros(num_tokens + 1, D)  # row T collects the padding rows
-    step = max(1, _CHUNK_BYTES // max(1, D * y_RD.element_size()))
-    buf = y_RD.new_empty(min(step, R), D) if gates_R is not None else None
+    acc_dtype = torch.promote_types(torch.promote_types(y_RD.dtype, out_dtype), torch.float32)
+    out = y_RD.new_zeros(num_tokens + 1, D, dtype=acc_dtype)  # row T collects the padding rows
+    step = max(1, _CHUNK_BYTES // max(1, D * out.element_size()))
+    widen = acc_dtype != y_RD.dtype  # low-precision rows: weight (or copy) each chunk into an fp32 buffer
+    buf = out.new_empty(min(step, R), D) if gates_R is not None or widen else None
     for s in range(0, R, step):
         n = min(step, R - s)
         rows = y_RD[s:s + n]
         if gates_R is not None:
-            rows = torch.mul(rows, gates_R[s:s + n].to(y_RD.dtype)[:, None], out=buf[:n])
+            rows = torch.mul(rows, gates_R[s:s + n].to(acc_dtype)[:, None], out=buf[:n])
+        elif widen:
+            rows = buf[:n].copy_(rows)
         out.index_add_(0, token_idx_R[s:s + n], rows)
-    return out[:num_tokens]
+    return out[:num_tokens].to(out_dtype)
 
 
 # ------------------------------------------------------------------------------------------- autograd functions
@@ -100,34 +115,41 @@ def sum_rows_per_token(y_RD: torch.Tensor, gates_R: torch.Tensor | None, token_i
 
 class _Permute(torch.autograd.Function):
     @staticmethod
+    @without_autocast
     def forward(ctx, x_TD, token_idx_R, row_TK, backend):
         ctx.save_for_backward(token_idx_R, row_TK)
-        ctx.backend, ctx.num_tokens = backend, x_TD.shape[0]
+        ctx.backend, ctx.num_tokens, ctx.x_dtype = backend, x_TD.shape[0], x_TD.dtype
         return gather_rows(x_TD, token_idx_R, None, backend)
 
     @staticmethod
+    @without_autocast
     def backward(ctx, dx_RD):
         token_idx_R, row_TK = ctx.saved_tensors
-        return sum_rows_per_token(dx_RD.contiguous(), None, token_idx_R, row_TK, ctx.num_tokens, ctx.backend), \
-            None, None, None
+        return sum_rows_per_token(dx_RD.contiguous(), None, token_idx_R, row_TK, ctx.num_tokens, ctx.backend,
+                                  ctx.x_dtype), None, None, None
 
 
 class _Combine(torch.autograd.Function):
     @staticmethod
+    @without_autocast
     def forward(ctx, y_RD, gates_R, token_idx_R, row_TK, num_tokens, backend):
         ctx.save_for_backward(y_RD if ctx.needs_input_grad[1] else None, gates_R, token_idx_R)
-        ctx.backend, ctx.gates_dtype = backend, gates_R.dtype
-        return sum_rows_per_token(y_RD, gates_R, token_idx_R, row_TK, num_tokens, backend)
+        ctx.backend, ctx.gates_dtype, ctx.y_dtype = backend, gates_R.dtype, y_RD.dtype
+        return sum_rows_per_token(y_RD, gates_R, token_idx_R, row_TK, num_tokens, backend,
+                                  torch.promote_types(y_RD.dtype, gates_R.dtype))
 
     @staticmethod
+    @without_autocast
     def backward(ctx, dy_TD):
         y_RD, gates_R, token_idx_R = ctx.saved_tensors
-        g_RD = gather_rows(dy_TD.contiguous(), token_idx_R, None, ctx.backend)
+        g_RD = gather_rows(dy_TD.contiguous(), token_idx_R, None, ctx.backend)  # dy's dtype (fp32 under bf16)
         dgates = None
         if ctx.needs_input_grad[1]:
             R, D = g_RD.shape
-            dgates = torch.bmm(g_RD.view(R, 1, D), y_RD.reshape(R, D, 1)).view(R).to(ctx.gates_dtype)
-        dy = g_RD.mul_(gates_R.to(g_RD.dtype)[:, None]) if ctx.needs_input_grad[0] else None
+            y = y_RD.reshape(R, D, 1).to(g_RD.dtype)  # <g, y> in g's dtype (the combine output's: at least y's)
+            dgates = torch.bmm(g_RD.view(R, 1, D), y).view(R).to(ctx.gates_dtype)
+            del y
+        dy = g_RD.mul_(gates_R.to(g_RD.dtype)[:, None]).to(ctx.y_dtype) if ctx.needs_input_grad[0] else None
         return dy, dgates, None, None, None, None
 
 

@@ -8,6 +8,9 @@ The parameters keep the global names `w1_EDF`, `w3_EDF`, `w2_EFD` (their dim 0 h
 `expert_ids`, the global expert id of each row, which checkpoints and gradient synchronisation use. Each expert is
 initialised from its own generator seeded by (seed, layer, global id), so the weights of an expert do not depend on
 how experts are split over ranks.
+
+Mixed precision: the weights stay fp32 (master weights); under autocast the grouped GEMM computes on bf16 copies of
+them and of the rows, accumulating in fp32, and the weight gradients arrive in fp32 (kernels/grouped_gemm.py).
 """
 
 from __future__ import annotations

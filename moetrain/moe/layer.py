@@ -14,6 +14,7 @@ the recomputed record is simply not returned to anyone.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
@@ -22,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moetrain.config.schema import RouterConfig
+from moetrain.kernels.grouped_gemm import autocast_dtype
 from moetrain.model.mlp import SwiGLU
 from moetrain.moe.dispatch import Dispatcher, LocalDispatcher
 from moetrain.moe.experts import GroupedExperts
@@ -85,10 +87,13 @@ class MoELayer(nn.Module):
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
         ctx = RouteContext((B, S), self.dp_group, carry, self.dispatcher.expert_location_E())
-        routed = self.router(x_TD, ctx)
+        amp_dtype = autocast_dtype(x_TD)  # bf16 under mixed precision (moetrain/train/precision.py), else None
+        with torch.autocast(x_TD.device.type, enabled=False) if amp_dtype else nullcontext():
+            routed = self.router(x_TD, ctx)  # logits, scores, gates in fp32 (autocast would make the gate bf16)
         d = self.dispatcher
         plan = d.plan(routed.topk_idx_TK, routed.gates_TK, keep_TK=routed.keep_TK)
-        x_RD = d.dispatch_preprocess(x_TD, plan)
+        # Under autocast the tokens travel and meet the experts in the autocast dtype (permutation, all-to-all, GEMM).
+        x_RD = d.dispatch_preprocess(x_TD.to(amp_dtype) if amp_dtype else x_TD, plan)
         in_flight = [d.dispatch_comm(x_RD, plan, c) for c in range(plan.num_chunks)]  # all chunks start moving
         shared_TD = self.shared_experts(x_TD) if self.shared_experts is not None else None
         outs, counts = [], []
@@ -99,7 +104,9 @@ class MoELayer(nn.Module):
                 outs.append(d.combine_comm(d.combine_preprocess(y_c, plan, c), plan, c))
                 counts.append(tokens_c)
         y_RD = outs[0] if len(outs) == 1 else torch.cat(outs)
-        y_TD = d.combine_postprocess(y_RD, plan).to(x_BSD.dtype)
+        y_TD = d.combine_postprocess(y_RD, plan)  # accumulated in fp32; kept fp32 (the residual's dtype) under autocast
+        if amp_dtype is None:
+            y_TD = y_TD.to(x_BSD.dtype)
         if shared_TD is not None:
             y_TD = y_TD + shared_TD
         if routed.local_out_TD is not None:  # the router's virtual experts, computed on this rank

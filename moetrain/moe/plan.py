@@ -115,7 +115,8 @@ def build_plan(topk_idx_TK: torch.Tensor, gates_TK: torch.Tensor, num_experts: i
 
 
 class _PermuteRows(torch.autograd.Function):
-    """out = x[idx] for a permutation idx; backward is the gather by its inverse (no zero-fill + scatter-add)."""
+    """out = x[idx] for a permutation idx; backward is the gather by its inverse (no zero-fill + scatter-add).
+    Dtype-preserving both ways (bf16 rows under mixed precision stay bf16; index_select is not autocast)."""
 
     @staticmethod
     def forward(ctx, x_RD, idx_R, inv_idx_R):
@@ -143,7 +144,8 @@ def permute(x_TD: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
 
 
 def unpermute(y_RD: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
-    """y_TD[t] = sum over rows r of token t of gates_R[r] * y_RD[r]."""
+    """y_TD[t] = sum over rows r of token t of gates_R[r] * y_RD[r], accumulated in fp32; the result has the dtype of
+    promote(y, gates): fp32 for bf16 rows (the router's gates are fp32)."""
     if hasattr(y_RD, "trigger_wait"):  # an in-flight all-to-all result (AsyncCollectiveTensor): wait for it here
         y_RD = y_RD.wait()
     return kernels.combine(y_RD, plan.gates_R, plan.token_idx_R, plan.num_tokens, _row_TK(plan, y_RD.device))

@@ -50,6 +50,7 @@ from moetrain.telemetry.loggers import build_loggers
 from moetrain.telemetry.routing_stats import RoutingWindow, layer_metrics
 from moetrain.train import checkpoint as ckpt
 from moetrain.train.optim import build_optimizer, build_scheduler, set_hyperparameters
+from moetrain.train.precision import precision_context
 
 
 class TrainingDiverged(RuntimeError):
@@ -80,8 +81,7 @@ class Trainer:
         self.loader = build_loader(cfg.data, tc.seed, ctx.rank, ctx.world_size)
         self.balance = BalanceController(self.model, cfg.router, tc.max_steps, ctx)
         self.window = RoutingWindow()
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if ctx.device.type == "cuda"
-                         else nullcontext())
+        self.autocast = precision_context(cfg, ctx.device)  # parallel.mixed_precision (moetrain/train/precision.py)
         self.loggers = None  # built in run(), once the step training starts from is known
         self.step = 0
         self.bad_streak, self.skipped_steps = 0, 0  # non-finite steps: in a row now, and in the whole run

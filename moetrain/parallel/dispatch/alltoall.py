@@ -16,7 +16,9 @@ Arriving rows are ordered (source, expert); `regroup_idx_Rr` reorders them to (e
 its inverse restores the order for the combine. Zero-size splits (a rank that sends or receives nothing, an expert
 nobody picks) are ordinary. The token all-to-all is torch's functional collective: autograd-aware (its backward is the
 reverse all-to-all) and asynchronous (waited for on first use), which lets shared experts run while tokens are in
-flight - on CPU through gloo's background threads, on GPU on NCCL's stream.
+flight - on CPU through gloo's background threads, on GPU on NCCL's stream. The payload travels in the rows' dtype:
+bf16 under mixed precision (the MoE layer casts the tokens before dispatch, the experts return bf16), so dispatch,
+combine and their backward move half the bytes of fp32.
 """
 
 from __future__ import annotations
