@@ -17,7 +17,8 @@ Train a Mixture-of-Experts LM. Overrides are Hydra syntax, for example:
   moetrain-train model=tiny model.num_experts=16 router.top_k=4 optim.lr=1e-3 trainer.max_steps=50
   torchrun --nproc_per_node=2 -m moetrain.train parallel.ep=2
 Groups: model (tiny, small, mixtral_8x7b, deepseek_v3_like, qwen3_moe_like, olmoe_like), router, parallel, optim,
-data, logger. --cfg prints the composed config and exits. trainer.dry_run=true prints parameter counts and exits.
+data, logger. --cfg prints the composed config and exits. trainer.dry_run=true prints parameter counts and the
+per-rank memory plan (for trainer.dry_run_world_size=N ranks) and exits.
 """
 
 
@@ -56,23 +57,29 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
         if print_cfg:
             print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
             return 0
+        if cfg.trainer.dry_run:  # validated for the world size it plans for
+            return _dry_run(cfg, world_size)
         validate(cfg, world_size)
-        if cfg.trainer.dry_run:
-            return _dry_run(cfg)
         return _train(cfg)
     except errors as e:
         return _fail("moetrain-train", str(e), rank)
 
 
-def _dry_run(cfg) -> int:
+def _dry_run(cfg, launched_world_size: int) -> int:
+    """Parameter counts and the per-rank memory plan for trainer.dry_run_world_size ranks (0: the launched ones),
+    from a meta-device model in this one process (no process group)."""
     from moetrain.model.transformer import count_parameters
+    from moetrain.train.memory_plan import format_plan, plan_memory
 
+    world_size = cfg.trainer.dry_run_world_size or launched_world_size
+    plan = plan_memory(cfg, world_size)  # validates the layout for world_size first
     counts = count_parameters(cfg.model, cfg.router)
     m = cfg.model
     print(f"model {m.name}: {m.n_layers} layers, dim {m.dim}, {m.num_experts} experts (top-{cfg.router.top_k}, "
           f"hidden {m.moe_hidden}, {m.num_shared_experts} shared)")
     for key, value in counts.items():
         print(f"  {key:>22}: {value:>17,d}  ({value / 1e9:.2f}B)")
+    print(format_plan(plan))
     return 0
 
 
