@@ -175,10 +175,17 @@ def test_activation_estimate_matches_saved_tensors(tmp_path, extra, precision):
     measured = _saved_activation_bytes(cfg, bf16=precision == "bf16")
     assert abs(planned - measured) <= TOLERANCE * measured, (planned, measured)
     if precision == "fp32":
-        # Checkpointing keeps each block's input plus the head; the plan adds the block recomputed in backward.
-        ckpt = compose_config(overrides(tmp_path, tmp_path, *extra, "trainer.activation_checkpointing=true"))
-        saved_ckpt, planned_ckpt = _saved_activation_bytes(ckpt), plan_memory(ckpt, 1).activations.total
-        assert saved_ckpt < planned_ckpt < planned
+        # Checkpointing: full keeps each block's input plus the head, selective also the MoE FFN's router, received
+        # and returned rows (and each dense block's FFN input); the plan adds the largest block (full) or piece
+        # (selective) recomputed in backward, which the forward does not save.
+        saved = {}
+        for mode in ("full", "selective"):
+            cfg_mode = compose_config(overrides(tmp_path, tmp_path, *extra, f"trainer.activation_checkpointing={mode}"))
+            plan_mode, saved[mode] = plan_memory(cfg_mode, 1), _saved_activation_bytes(cfg_mode)
+            kept = plan_mode.activations.total - plan_mode.recomputed.total
+            assert abs(kept - saved[mode]) <= TOLERANCE * saved[mode], (mode, kept, saved[mode])
+            assert saved[mode] < plan_mode.activations.total < planned
+        assert saved["full"] < saved["selective"] < measured
 
 
 # ------------------------------------------------------------------------------------------------ the dry run
@@ -257,5 +264,8 @@ def test_precision_and_checkpointing():
     assert fp32.activations.dense / 2 < bf16.activations.dense < fp32.activations.dense  # fp32 residual, logits
     assert (bf16.parameters, bf16.optimizer) == (fp32.parameters, fp32.optimizer)
     assert fp32.weight_copies.total == 0 < bf16.weight_copies.total
-    ckpt = _plan("parallel.ep=4", "parallel.mixed_precision=fp32", "trainer.activation_checkpointing=true")
-    assert ckpt.activations.total < fp32.activations.total
+    full = _plan("parallel.ep=4", "parallel.mixed_precision=fp32", "trainer.activation_checkpointing=full")
+    selective = _plan("parallel.ep=4", "parallel.mixed_precision=fp32", "trainer.activation_checkpointing=selective")
+    assert full.activations.total < selective.activations.total < fp32.activations.total
+    assert selective.activations.expert < fp32.activations.expert  # the experts' R x F activations are recomputed
+    assert fp32.recomputed.total == 0 < selective.recomputed.total < full.recomputed.total

@@ -298,7 +298,7 @@ def test_seq_aux_and_z_losses_are_over_all_choices():
 
 
 # ------------------------------------------------------------------------------------------------ gating residuals
-def small_model(activation_checkpointing=False, seed=0):
+def small_model(activation_checkpointing="none", seed=0):
     cfg = compose_config(["router=moepp", "model.dim=16", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1",
                           "model.ffn_hidden=32", "model.num_experts=4", "model.moe_hidden=16",
                           "model.first_k_dense=0"])
@@ -361,7 +361,7 @@ def test_the_carry_changes_the_second_layers_routing_and_its_gradient_reaches_th
 def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     inputs_BS, targets_BS = tokens()
     results = []
-    for ckpt in (False, True):
+    for ckpt in ("none", "full"):
         model = small_model(activation_checkpointing=ckpt)
         logits, records = model(inputs_BS, return_records=True)
         loss = Fn.cross_entropy(logits.flatten(0, 1), targets_BS.flatten()) + sum(r.loss for r in records)

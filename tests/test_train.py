@@ -104,7 +104,7 @@ def test_activation_checkpointing_counts_tokens_once_and_matches(tmp_path, cache
     common = ("trainer.max_steps=4", "router.aux_loss_coeff=0.01", "router.z_loss_coeff=0.001",
               "router.seq_aux_loss_coeff=0.001")
     assert train_main(overrides(plain, cache_dir, *common)) == 0
-    assert train_main(overrides(ckpt, cache_dir, *common, "trainer.activation_checkpointing=true")) == 0
+    assert train_main(overrides(ckpt, cache_dir, *common, "trainer.activation_checkpointing=full")) == 0
     a, b = read_metrics(plain), read_metrics(ckpt)
     for ra, rb in zip(a, b):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-6)

@@ -136,7 +136,8 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda
     dry_run: bool = False  # print parameter counts and exit
     dry_run_world_size: int = 0  # the world size the dry run plans memory for (0: the launched processes)
-    activation_checkpointing: bool = False
+    activation_checkpointing: str = "none"  # none | full (recompute whole blocks in backward) | selective (recompute
+                                            # attention, dense FFNs and the experts; never the all-to-all)
     progress: bool = True
 
 

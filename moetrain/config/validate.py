@@ -49,6 +49,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.name": ("stdlib", "shards"),
     "logger.wandb_mode": WANDB_MODES,
     "trainer.device": ("auto", "cpu", "cuda"),
+    "trainer.activation_checkpointing": ("none", "full", "selective"),
 }
 
 SEED_LIMIT = 2**32  # trainer.seed is combined with step and expert ids into torch generator seeds
@@ -230,6 +231,10 @@ RULES: tuple[Rule, ...] = (
     non_empty("trainer.run_dir", "must name a directory"),
     non_empty("trainer.resume", "must be auto, none or a checkpoint directory"),
     one_of("trainer.device"),
+    # The former boolean (true/false, which OmegaConf turns into 'True'/'False' for this string key) is refused
+    # rather than mapped: `true` could now mean full or selective, so the user picks.
+    Rule("trainer.activation_checkpointing", lambda v: v in CHOICES["trainer.activation_checkpointing"],
+         "is unknown; use none, full or selective (the former true is full, false is none)", quote=True),
 )
 
 

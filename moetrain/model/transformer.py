@@ -6,6 +6,19 @@ Layer i is MoE when i >= first_k_dense and (i - first_k_dense) % moe_every == 0,
 Weights: dense parameters from the global RNG (seeded identically on every rank), experts from per-expert generators
 (see moe/experts.py), so a model split over any number of expert-parallel ranks holds the same weights as one process.
 Output projections are scaled by 1/sqrt(2 * n_layers) (GPT-2 style).
+
+Activation checkpointing (`activation_checkpointing`, trainer.activation_checkpointing), one of:
+    none       every block keeps its activations for backward;
+    full       each whole block is recomputed in backward from its input: for an MoE block that repeats the router,
+               the all-to-all dispatch and combine (communication) and the experts;
+    selective  recompute what is cheap and local, keep what communicates: the attention sub-block
+               (attn_norm + attention) is recomputed from the block input; in an MoE block the router, the
+               all-to-all results and the combine are kept and only each chunk's expert computation is recomputed
+               from its saved all-to-all result (MoELayer.recompute_experts: the R x F SwiGLU hidden activations are
+               not kept); a dense block recomputes its FFN (ffn_norm + SwiGLU) from the attention sub-block output.
+               Backward never repeats communication.
+Each MoE layer's RoutingRecord comes from the forward only (a recomputation's record reaches nobody), so the
+balancing statistics count every token once in every mode.
 """
 
 from __future__ import annotations
@@ -24,6 +37,8 @@ from moetrain.model.norm import RMSNorm
 from moetrain.model.rope import rope_cos_sin
 from moetrain.moe.layer import MoELayer
 from moetrain.moe.routers import router_class
+
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")  # trainer.activation_checkpointing (see module docstring)
 
 
 def check_tokens(tokens_BS: torch.Tensor, cfg: ModelConfig) -> None:
@@ -59,6 +74,8 @@ MoELayerFactory = Callable[[int, int, int, int, int], nn.Module]  # (dim, hidden
 
 
 class Block(nn.Module):
+    selective = False  # recompute the attention sub-block and a dense FFN in backward (set by TransformerLM)
+
     def __init__(self, cfg: ModelConfig, layer_id: int, moe_layer: MoELayerFactory):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -71,21 +88,35 @@ class Block(nn.Module):
 
     def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, carry: Optional[torch.Tensor] = None):
         """(x_BSD, the MoE layer's RoutingRecord or None for a dense block); `carry` is the previous MoE layer's
-        `RoutingRecord.carry`, passed to this block's router."""
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin)
-        if isinstance(self.ffn, MoELayer):
+        `RoutingRecord.carry`, passed to this block's router. Under `selective` (with grad enabled) the attention
+        sub-block and a dense FFN are checkpointed: only their inputs are kept for backward."""
+        recompute = self.selective and torch.is_grad_enabled()
+        if recompute:
+            x_BSD = x_BSD + checkpoint(self._attention, x_BSD, cos, sin, use_reentrant=False)
+        else:
+            x_BSD = x_BSD + self._attention(x_BSD, cos, sin)
+        if isinstance(self.ffn, MoELayer):  # selective: the layer itself recomputes only its experts
             y_BSD, record = self.ffn(self.ffn_norm(x_BSD), return_record=True, carry=carry)
             return x_BSD + y_BSD, record
-        return x_BSD + self.ffn(self.ffn_norm(x_BSD)), None
+        if recompute:
+            return x_BSD + checkpoint(self._dense_ffn, x_BSD, use_reentrant=False), None
+        return x_BSD + self._dense_ffn(x_BSD), None
+
+    def _attention(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return self.attn(self.attn_norm(x_BSD), cos, sin)
+
+    def _dense_ffn(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        return self.ffn(self.ffn_norm(x_BSD))
 
 
 class TransformerLM(nn.Module):
     def __init__(self, cfg: ModelConfig, router_cfg: RouterConfig, moe_layer: Optional[MoELayerFactory] = None,
-                 activation_checkpointing: bool = False):
+                 activation_checkpointing: str = "none"):
         """`moe_layer` builds each MoE layer (moetrain.parallel.moe_layer.moe_layer_factory gives one per parallel
-        layout); by default every expert lives on this rank."""
+        layout); by default every expert lives on this rank. `activation_checkpointing`: none | full | selective
+        (module docstring); it may be changed later by assigning the attribute."""
         super().__init__()
-        self.cfg, self.activation_checkpointing = cfg, activation_checkpointing
+        self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         if moe_layer is None:
             def moe_layer(dim, hidden, num_experts, num_shared, layer_id):
@@ -95,6 +126,24 @@ class TransformerLM(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        self.activation_checkpointing = activation_checkpointing
+
+    @property
+    def activation_checkpointing(self) -> str:
+        return self._activation_checkpointing
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, mode: str) -> None:
+        """Set the mode on the blocks and MoE layers. A boolean (the former setting) is refused, not mapped: the
+        caller picks between full and selective."""
+        if not isinstance(mode, str) or mode not in ACTIVATION_CHECKPOINTING:
+            raise ValueError(f"activation_checkpointing={mode!r} is unknown; use none, full or selective "
+                             f"(the former true is full, false is none)")
+        self._activation_checkpointing = mode
+        for block in self.layers:
+            block.selective = mode == "selective"
+        for moe in self.moe_layers():
+            moe.recompute_experts = mode == "selective"
 
     def moe_layers(self) -> Iterator[MoELayer]:
         return (m for m in self.modules() if isinstance(m, MoELayer))
@@ -129,7 +178,7 @@ class TransformerLM(nn.Module):
         h_BSD = self.tok_embeddings(tokens_BS)
         records, carry = [], None
         for block in self.layers:
-            if self.activation_checkpointing and torch.is_grad_enabled():
+            if self.activation_checkpointing == "full" and torch.is_grad_enabled():
                 h_BSD, record = checkpoint(block, h_BSD, cos, sin, carry, use_reentrant=False)
             else:
                 h_BSD, record = block(h_BSD, cos, sin, carry)

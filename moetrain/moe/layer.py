@@ -10,6 +10,9 @@ at once, then chunk c is computed and its combine sent while the later chunks ar
 `layer(x, return_record=True)` also returns the forward's `RoutingRecord` (counts, router losses, statistics): the
 caller owns it, nothing is left on the module. Activation recomputation in backward therefore counts nothing twice:
 the recomputed record is simply not returned to anyone.
+With `recompute_experts` (selective activation checkpointing, set by TransformerLM) each chunk's expert computation
+is checkpointed: backward recomputes the R x F SwiGLU hidden activations from the kept all-to-all result x_c; the
+router, the all-to-all and the combine are not repeated.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from moetrain.config.schema import RouterConfig
 from moetrain.kernels.grouped_gemm import autocast_dtype
@@ -56,10 +60,14 @@ class MoELayer(nn.Module):
     the dispatcher interface of moe/dispatch.py and the experts' materialize/compute, so it knows nothing of how
     experts are spread over ranks."""
 
+    recompute_experts = False  # checkpoint each chunk's expert computation (selective activation checkpointing)
+
     def __init__(self, dim: int, hidden: int, num_experts: int, num_shared: int, router_cfg: RouterConfig,
                  layer_id: int, dispatcher: Optional[Dispatcher] = None, experts: Optional[GroupedExperts] = None,
-                 dp_group: Optional[dist.ProcessGroup] = None, backend: str = "auto"):
+                 dp_group: Optional[dist.ProcessGroup] = None, backend: str = "auto",
+                 recompute_experts: bool = False):
         super().__init__()
+        self.recompute_experts = recompute_experts
         self.layer_id, self.num_experts, self.router_cfg = layer_id, num_experts, router_cfg
         self.dim, self.hidden, self.num_shared = dim, hidden, num_shared
         self.dp_group = dp_group  # the ranks over which the router is data parallel (for global aux-loss counts)
@@ -100,7 +108,11 @@ class MoELayer(nn.Module):
         with self.experts.materialize() as weights:
             for c in range(plan.num_chunks):  # compute chunk c while later chunks arrive and earlier ones return
                 x_c, tokens_c, experts_c = d.dispatch_postprocess(in_flight[c], plan, c)
-                y_c = self.experts.compute(x_c, tokens_c, weights, experts_c)
+                if self.recompute_experts and torch.is_grad_enabled():
+                    # The weights go in as tensors, so saved-tensor hooks (FSSDP re-materialization) see them.
+                    y_c = checkpoint(self._compute_experts, x_c, tokens_c, experts_c, *weights, use_reentrant=False)
+                else:
+                    y_c = self.experts.compute(x_c, tokens_c, weights, experts_c)
                 outs.append(d.combine_comm(d.combine_preprocess(y_c, plan, c), plan, c))
                 counts.append(tokens_c)
         y_RD = outs[0] if len(outs) == 1 else torch.cat(outs)
@@ -123,6 +135,9 @@ class MoELayer(nn.Module):
                                int(routed.tokens_per_expert_E.sum()), plan.num_dropped, entropy_sum,
                                self.router.losses(routed, ctx), routed.carry)
         return y_BSD, record
+
+    def _compute_experts(self, x_RD, tokens_per_expert_L, experts, *weights) -> torch.Tensor:
+        return self.experts.compute(x_RD, tokens_per_expert_L, weights, experts)
 
     def flops_per_token(self, experts_per_token: float) -> float:
         """Forward FLOPs per token of this layer for a measured number of routed experts per token:

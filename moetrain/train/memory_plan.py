@@ -32,8 +32,11 @@ terms stay fp32 under bf16 (residual stream, norm statistics, router scores, log
              expert part:       b*(2*R*D + 2*R*F)  (received rows, h1 and h3 of the fused grouped SwiGLU, returned rows)
     head:                       4*(2*T*D + 2*T*V) + b*T*D           (final norm; logits and their log-softmax)
   with R = T*K routed rows per rank (balanced routing; capacity_factor c: E*ceil(T*K*c/E) with padding, else at most
-  that). Activation checkpointing (per block): 4*L*T*D (the blocks' inputs) + the largest block's activations
-  (recomputed in backward) + head.
+  that). trainer.activation_checkpointing:
+    full:       4*L*T*D (the blocks' inputs) + the largest block's activations (recomputed in backward) + head
+    selective:  per MoE block 4*T*D (its input) + the MoE FFN's dense part + b*2*R*D (received and returned rows);
+                per dense block 4*2*T*D (its input and the attention sub-block's output); + head + the largest
+                piece recomputed in backward: an attention part, a dense FFN or the experts' b*2*R*F (h1, h3)
 All-to-all buffers (only when experts are spread over more than one rank): the send and the receive buffer of one
 MoE layer's dispatch or combine, b*2*R*D (all pipeline chunks are in flight at once: the same total).
 Weight copies, held during compute (beside the fp32 parameters):
@@ -92,7 +95,7 @@ class MemoryPlan:
     precision: str  # fp32 | bf16 (the resolved parallel.mixed_precision)
     micro_batch: int  # B
     seq_len: int  # S
-    activation_checkpointing: bool
+    activation_checkpointing: str  # none | full | selective
     param_elements: Split  # local parameter elements per rank (not bytes)
     parameters: Split
     gradients: Split
@@ -101,6 +104,7 @@ class MemoryPlan:
     all_to_all: Split
     weight_copies: Split
     notes: list[str] = field(default_factory=list)
+    recomputed: Split = field(default_factory=Split)  # of `activations`, what backward's recomputation holds
 
     ROWS = (("parameters", "parameters (fp32)"), ("gradients", "gradients (fp32)"),
             ("optimizer", "optimizer (AdamW)"), ("activations", "activations"), ("all_to_all", "all-to-all"),
@@ -162,6 +166,10 @@ def _meta_model(cfg: TrainConfig):
 
     with torch.device("meta"):
         return TransformerLM(cfg.model, cfg.router)
+
+
+def _total(s: Split) -> int:
+    return s.total
 
 
 def _is_expert(p: torch.Tensor) -> bool:
@@ -229,32 +237,37 @@ def plan_memory(cfg: TrainConfig, world_size: int) -> MemoryPlan:
         rows = padded if r.pad_to_capacity else min(rows, padded)
     R = int(math.ceil(rows))
 
-    def block_activations(block) -> Split:
+    def block_parts(block) -> tuple[Split, Split, Split, Split]:
+        """(attention part, FFN part, kept under selective, largest piece recomputed under selective)."""
         attn = block.attn
         H, Dkv = attn.n_heads, attn.wk.weight.shape[0]
-        dense = FP32 * (2 * T * D + B * H * S) + b * (4 * T * D + 2 * T * Dkv)
-        expert = 0
+        attention = Split(FP32 * (2 * T * D + B * H * S) + b * (4 * T * D + 2 * T * Dkv), 0)
         ffn = block.ffn
         if isinstance(ffn, MoELayer):
             X = ffn.router.gate.weight.shape[0]
             Fs = ffn.shared_experts.w1.weight.shape[0] if ffn.shared_experts is not None else 0
             F = ffn.experts.w1_EDF.shape[-1]
-            dense += FP32 * (2 * T * D + 2 * T * X) + b * (T * D + 4 * T * Fs)
-            expert += b * (2 * R * D + 2 * R * F)
-        else:
-            Fd = ffn.w1.weight.shape[0]
-            dense += FP32 * 2 * T * D + b * (T * D + 4 * T * Fd)
-        return Split(dense, expert)
+            kept = Split(FP32 * (2 * T * D + 2 * T * X) + b * (T * D + 4 * T * Fs), b * 2 * R * D)
+            experts = Split(0, b * 2 * R * F)
+            return attention, kept + experts, Split(FP32 * T * D, 0) + kept, max(attention, experts, key=_total)
+        Fd = ffn.w1.weight.shape[0]
+        dense_ffn = Split(FP32 * 2 * T * D + b * (T * D + 4 * T * Fd), 0)
+        return attention, dense_ffn, Split(FP32 * 2 * T * D, 0), max(attention, dense_ffn, key=_total)
 
-    per_block = [block_activations(blk) for blk in blocks]
+    parts = [block_parts(blk) for blk in blocks]
     head = Split(FP32 * (2 * T * D + 2 * T * V) + b * T * D, 0)
-    if tc.activation_checkpointing:
-        largest = max(per_block, key=lambda s: s.total)
-        activations = Split(FP32 * len(blocks) * T * D, 0) + largest + head
+    activations, recomputed = head, Split()
+    if tc.activation_checkpointing == "full":
+        recomputed = max((attention + ffn for attention, ffn, _, _ in parts), key=_total)
+        activations = activations + Split(FP32 * len(blocks) * T * D, 0) + recomputed
+    elif tc.activation_checkpointing == "selective":
+        for _, _, kept, _ in parts:
+            activations = activations + kept
+        recomputed = max((piece for _, _, _, piece in parts), key=_total)
+        activations = activations + recomputed
     else:
-        activations = head
-        for s in per_block:
-            activations = activations + s
+        for attention, ffn, _, _ in parts:
+            activations = activations + attention + ffn
 
     # ---- all-to-all buffers: one layer's send + receive
     n_moe = sum(is_moe_layer(m, i) for i in range(m.n_layers))
@@ -292,7 +305,7 @@ def plan_memory(cfg: TrainConfig, world_size: int) -> MemoryPlan:
     else:
         dense_text = "dense ddp (replicated)"
     return MemoryPlan(W, f"{ep_text}, {dense_text}", precision, B, S, tc.activation_checkpointing, elems,
-                      parameters, gradients, optimizer, activations, all_to_all, copies, notes)
+                      parameters, gradients, optimizer, activations, all_to_all, copies, notes, recomputed)
 
 
 # ----------------------------------------------------------------------------------------------------- printing
@@ -301,10 +314,9 @@ def format_plan(plan: MemoryPlan) -> str:
     def gib(n: int) -> str:
         return f"{n / GIB:>10.3f}"
 
-    ckpt = "on" if plan.activation_checkpointing else "off"
     lines = [f"memory per rank (GiB) at world size {plan.world_size}: {plan.layout}",
              f"  {plan.precision}, micro-batch {plan.micro_batch} x {plan.seq_len} tokens, "
-             f"activation checkpointing {ckpt}",
+             f"activation checkpointing {plan.activation_checkpointing}",
              f"  {'':<20}{'dense':>10}{'expert':>10}{'total':>10}"]
     for label, s in plan.rows():
         lines.append(f"  {label:<20}{gib(s.dense)}{gib(s.expert)}{gib(s.total)}")
