@@ -39,7 +39,9 @@ def test_overrides_compose_into_typed_config():
     (["trainer.resume=/nonexistent/ckpt"], "trainer.resume=/nonexistent/ckpt is not a complete checkpoint"),
     (["optim.lr=-1"], "optim.lr=-1.0 must be > 0"),
     (["parallel.pipeline_degree=3"], "parallel.pipeline_degree='3' is invalid; use auto, 1, 2, 4 or 8"),
-    (["parallel.mode=fssdp", "parallel.data_parallel=fsdp"], "parallel.mode=fssdp keeps dense"),
+    (["parallel.dp_replicate=2"], "parallel.dp_replicate=2 needs parallel.data_parallel=fsdp"),
+    (["parallel.data_parallel=fsdp", "parallel.dp_replicate=2"],
+     "parallel.dp_replicate=2 must divide the world size 1"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, needle, capsys):
     assert train_main(args) == 2

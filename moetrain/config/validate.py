@@ -355,8 +355,6 @@ def _fssdp_layout(cfg: TrainConfig, world_size: int) -> Iterator[str]:
     if par.ep not in (1, world_size):
         yield (f"parallel.ep={par.ep} has no meaning with parallel.mode=fssdp (experts are sharded over all "
                f"ranks); drop parallel.ep")
-    if par.data_parallel != "ddp":
-        yield "parallel.mode=fssdp keeps dense parameters with parallel.data_parallel=ddp"
 
 
 def _ep_layout(cfg: TrainConfig, world_size: int) -> Iterator[str]:
@@ -371,9 +369,24 @@ def _ep_layout(cfg: TrainConfig, world_size: int) -> Iterator[str]:
                f"pick parallel.ep among the divisors of {m.num_experts}")
     elif par.ep > 1 and m.num_experts == 0:
         yield "parallel.ep > 1 needs MoE layers (model.num_experts > 0)"
-    if par.data_parallel == "fsdp" and par.ep != 1:
-        yield ("parallel.data_parallel=fsdp supports parallel.ep=1 only for now; use parallel.data_parallel=ddp "
-               "with ep > 1")
+
+
+def _hsdp_layout(cfg: TrainConfig, world_size: int) -> Iterator[str]:
+    """parallel.dp_replicate > 1 (HSDP) shards FSDP2 within world/dp_replicate ranks and replicates across them."""
+    par = cfg.parallel
+    R = par.dp_replicate
+    if R == 1:
+        return
+    if par.data_parallel != "fsdp":
+        yield (f"parallel.dp_replicate={R} needs parallel.data_parallel=fsdp (HSDP replicates FSDP shards); set "
+               f"parallel.data_parallel=fsdp or parallel.dp_replicate=1")
+    elif world_size % R:
+        yield (f"parallel.dp_replicate={R} must divide the world size {world_size}; launch a multiple of {R} "
+               f"processes or pick parallel.dp_replicate among the divisors of {world_size}")
+    elif par.mode == "ep" and world_size % par.ep == 0 and world_size // par.ep > 1 and (world_size // par.ep) % R:
+        yield (f"parallel.dp_replicate={R} must divide the {world_size // par.ep} ranks holding the same experts "
+               f"(world size {world_size} / parallel.ep={par.ep}), so an expert-parallel group stays inside one "
+               f"replica group; use a parallel.dp_replicate dividing {world_size // par.ep} or change parallel.ep")
 
 
 def _backend_device(cfg: TrainConfig, world_size: int) -> Iterator[str]:
@@ -465,6 +478,7 @@ CROSS_CHECKS: tuple[tuple[Callable[[TrainConfig, int], Iterator[str]], tuple[str
     (_router_capacity, ("router.capacity_factor", "router.pad_to_capacity")),
     (_fssdp_layout, ("model.num_experts", "parallel.mode", "parallel.ep", "parallel.data_parallel")),
     (_ep_layout, ("model.num_experts", "parallel.mode", "parallel.ep", "parallel.data_parallel")),
+    (_hsdp_layout, ("parallel.mode", "parallel.ep", "parallel.data_parallel", "parallel.dp_replicate")),
     (_backend_device, ("parallel.backend", "trainer.device")),
     (_data_sizes, ("model.max_seq_len", "data.name", "data.seq_len", "data.global_batch_size",
                    "data.micro_batch_size", "data.val_fraction", "data.max_corpus_bytes")),

@@ -5,6 +5,12 @@ their ep coordinate hold different experts (the expert-parallel group); ranks th
 hold the same experts (the expert-data-parallel group, over which expert gradients are reduced). Dense parameters are
 data parallel over the whole world, and so is the data: every rank reads its own micro-batches.
 
+FSDP2 (`parallel.data_parallel=fsdp`) takes its meshes from the same root mesh (`fsdp_meshes`): the dense parameters
+are sharded over the whole world, the (dp, ep) mesh flattened, or, with HSDP (`parallel.dp_replicate=R`), over a 2-D
+(R, W/R) unflattening of it (shard within R groups of W/R consecutive ranks, replicate across them); the experts over
+their expert-data-parallel ranks ("dp", inside one replica group under HSDP). See docs/parallelism.md, "Which mesh
+dimension shards what".
+
 Every group (the world and each mesh dimension) gets the same collective timeout, `parallel.timeout_s`: a collective
 that waits longer raises on the waiting ranks (gloo applies it to each operation). torch would otherwise give the
 subgroups its 30-minute default whatever the world group has.
@@ -49,6 +55,7 @@ class ParallelContext:
     ep_group: Optional[dist.ProcessGroup] = None
     edp_group: Optional[dist.ProcessGroup] = None
     store: Optional[dist.Store] = None  # the default group's store (heartbeats live there)
+    timeout: Optional[timedelta] = None  # the collective timeout every group gets (None: torch's defaults)
 
     @property
     def dp(self) -> int:
@@ -117,11 +124,54 @@ def build_groups(ctx: ParallelContext, timeout: Optional[timedelta] = None) -> P
     ctx.ep_group = mesh["ep"].get_group()
     ctx.edp_group = mesh["dp"].get_group()
     ctx.store = dist.distributed_c10d._get_default_store()
+    ctx.timeout = timeout
     if timeout is not None:
         # new_group (used by DeviceMesh) gives subgroups torch's backend default, not the default group's timeout.
         for group in {ctx.world_group, ctx.ep_group, ctx.edp_group}:
             dist.distributed_c10d._set_pg_timeout(timeout, group)
     return ctx
+
+
+@dataclass
+class FSDPMeshes:
+    """The meshes FSDP2 shards over, all views of `ctx.mesh` (see the module docstring).
+
+    dense:   1-D (all W ranks), or 2-D ("dp_replicate", "dp_shard") = (R, W/R) under HSDP
+    experts: the expert-data-parallel ranks: 1-D "dp" (W/ep ranks), 2-D ("edp_replicate", "edp_shard") =
+             (R, W/(ep*R)) under HSDP; None when experts are not sharded by FSDP (their shard group would have one
+             rank, or FSSDP owns them): they stay plain tensors whose gradients `sync_gradients` reduces.
+    """
+
+    dense: object
+    experts: Optional[object]
+
+
+def fsdp_meshes(ctx: ParallelContext, dp_replicate: int = 1, shard_experts: bool = True) -> FSDPMeshes:
+    """Build (collectively: every rank calls it in the same order) the FSDP2 meshes of the layout of `ctx`.
+
+    Ranks are numbered rank = d * ep + e on the (dp, ep) mesh; HSDP replica group r is ranks [r*W/R, (r+1)*W/R).
+    With R > 1 and experts held by several dp ranks, R must divide dp (ep divides W/R: an expert-parallel group stays
+    inside one replica group), so that the experts' replicate coordinate d // (dp/R) is the dense one, rank // (W/R)."""
+    W, R = ctx.world_size, dp_replicate
+    if R < 1 or W % R:
+        raise ValueError(f"dp_replicate={R} must divide the world size {W}")
+    flat = ctx.mesh._flatten("world")
+    dense = flat if R == 1 else flat._unflatten(0, (R, W // R), ("dp_replicate", "dp_shard"))
+    experts = None
+    if shard_experts and ctx.dp > 1:
+        edp = ctx.mesh["dp"]
+        if ctx.dp % R:
+            raise ValueError(f"dp_replicate={R} must divide the {ctx.dp} expert-data-parallel ranks (world {W}, "
+                             f"ep {ctx.ep})")
+        shard = ctx.dp // R
+        if shard > 1:
+            experts = edp if R == 1 else edp._unflatten(0, (R, shard), ("edp_replicate", "edp_shard"))
+    if ctx.timeout is not None:
+        for mesh in (dense, experts):
+            if mesh is not None:
+                for dim in range(mesh.ndim):
+                    dist.distributed_c10d._set_pg_timeout(ctx.timeout, mesh.get_group(dim))
+    return FSDPMeshes(dense, experts)
 
 
 def group_timeout(group: dist.ProcessGroup, device: torch.device = torch.device("cpu")) -> timedelta:

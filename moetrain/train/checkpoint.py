@@ -18,6 +18,10 @@ Expert parameters are the parameters with an `expert_ids: list[int]` attribute: 
 `expert_ids[i]` is the global id of row i. Entries are keyed by global id, so a checkpoint written under one expert
 placement (ep=2, ep=4, arbitrary ids) loads under any other that covers the same experts. Ranks holding the same
 key (dense replicas, replicated experts) write it once: DCP's save planner deduplicates identical keys.
+Under FSDP2 (parallel/fsdp.py) parameters and their optimizer state are DTensors: dense ones are saved as DTensors
+(DCP stores the global tensor, so they load as plain tensors or under another sharding and back); an expert
+DTensor is sharded on dim 0 only (whole experts), and each rank saves and loads the rows of its local shard under
+their global ids, so expert entries are the same whatever the layout.
 
 Saving is atomic: all ranks write `step_N.tmp/` and checksum the files they wrote, then rank 0 writes the manifest,
 marks the directory COMPLETE, renames it to `step_N/`, points `root/latest` at it and prunes old checkpoints. An
@@ -293,9 +297,9 @@ def _expert_ids(model: nn.Module) -> dict[str, list[int]]:
         ids = getattr(param, "expert_ids", None)
         if ids is None:
             continue
-        if type(param.data) is not torch.Tensor:
+        if type(param.data) is not torch.Tensor and not _rows_sharded(param):
             raise CheckpointError(f"expert parameter {fqn!r} is a {type(param.data).__name__}; expert parameters "
-                                  "must be plain local tensors (shard experts with expert_ids, not DTensor)")
+                                  "must be plain local tensors or DTensors sharded on dim 0 only (whole experts)")
         ids = [int(i) for i in ids]
         if param.dim() == 0 or len(ids) != param.shape[0]:
             raise CheckpointError(f"expert parameter {fqn!r} has shape {list(param.shape)} but {len(ids)} "
@@ -307,15 +311,38 @@ def _expert_ids(model: nn.Module) -> dict[str, list[int]]:
     return out
 
 
+def _rows_sharded(value: Any) -> bool:
+    """Whether `value` is a DTensor whose placements shard dim 0 only (and replicate otherwise)."""
+    placements = getattr(value, "placements", None)
+    return (placements is not None and hasattr(value, "to_local")
+            and all(p.is_replicate() or (p.is_shard() and p.dim == 0) for p in placements))
+
+
+def _local_rows(value: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(this rank's rows, the global index of the first): a plain tensor is all rows; a DTensor sharded on dim 0
+    gives its local shard (no copy) and where the shard starts."""
+    if not hasattr(value, "to_local"):
+        return value, 0
+    if not _rows_sharded(value):
+        raise CheckpointError(f"expert tensor sharded as {list(value.placements)}; expert tensors may only be "
+                              "sharded on dim 0 (whole experts)")
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(value.shape, value.device_mesh, value.placements)
+    return value.to_local(), int(offset[0]) if len(offset) else 0
+
+
 def _split(prefix: str, value: torch.Tensor, ids: list[int] | None, out: dict[str, torch.Tensor]) -> None:
-    """Add `value` under `prefix`, or one row view per expert under `prefix/expert/<id>` for expert tensors."""
+    """Add `value` under `prefix`, or one row view per expert under `prefix/expert/<id>` for expert tensors (of a
+    DTensor sharded by rows, the rows of this rank's shard)."""
     if ids is None or value.dim() == 0:
         out[prefix] = value
         return
     if value.shape[0] != len(ids):
         raise CheckpointError(f"{prefix!r} has {value.shape[0]} rows but its parameter has {len(ids)} expert_ids")
-    for row, expert in enumerate(ids):
-        out[f"{prefix}{_EXPERT}{expert}"] = value[row]
+    local, first = _local_rows(value)
+    for row in range(local.shape[0]):
+        out[f"{prefix}{_EXPERT}{ids[first + row]}"] = local[row]
 
 
 def _model_entries(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -396,8 +423,14 @@ def _check_entries(state: dict[str, torch.Tensor], metadata: Metadata, path: Pat
                                   f"but {list(value.shape)} here; was it written by a different model config?")
 
 
+# param_groups keys that choose how this run's optimizer computes, not what: kept from the optimizer being loaded
+# into (a run whose FSDP layout mixes DTensors and plain tensors cannot use the foreach kernels another layout saved).
+_IMPLEMENTATION_KEYS = frozenset({"foreach", "fused", "capturable", "differentiable"})
+
+
 def _apply_param_groups(osd: dict[str, Any], saved: list[dict[str, Any]], path: Path) -> None:
-    """Overwrite the hyper-parameters of `osd`'s param_groups with the saved ones (groups matched by position)."""
+    """Overwrite the hyper-parameters of `osd`'s param_groups with the saved ones (groups matched by position),
+    except the implementation choices (`_IMPLEMENTATION_KEYS`)."""
     groups = osd["param_groups"]
     if len(saved) != len(groups):
         raise CheckpointError(f"optimizer mismatch: checkpoint {path} has {len(saved)} param groups, the optimizer "
@@ -406,7 +439,8 @@ def _apply_param_groups(osd: dict[str, Any], saved: list[dict[str, Any]], path: 
         if set(group["params"]) != set(saved_group["params"]):
             raise CheckpointError(f"optimizer mismatch: param group {i} of checkpoint {path} holds different "
                                   "parameters than the optimizer's; build the optimizer with the same groups")
-        group.update({k: _from_json(v) for k, v in saved_group.items() if k != "params"})
+        group.update({k: _from_json(v) for k, v in saved_group.items()
+                      if k != "params" and k not in _IMPLEMENTATION_KEYS})
 
 
 # ----------------------------------------------------------------------------------------------------------------

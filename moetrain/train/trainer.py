@@ -5,7 +5,8 @@ Legend: B micro-batch, S sequence, V vocabulary.
 
 One optimizer step s (0-based; `step` in logs and checkpoints counts completed steps):
     for m in micro-batches:  loss_m = CE(model(x_BS), y_BS) + router losses;  (loss_m / accum).backward()
-    sync gradients (dense over the world, experts over their expert-data-parallel group)  [DDP mode]
+    sync gradients (dense over the world, experts over their expert-data-parallel group)  [DDP mode; under FSDP
+        the backward reduce-scatters what FSDP shards, and only the experts it ignores are synchronised here]
     clip the global norm; update router biases from this step's global token counts; AdamW step; LR schedule step
 The logged `loss` is the language-model loss averaged over all micro-batches and ranks (the router losses are logged
 separately as `aux_loss`).
@@ -50,7 +51,7 @@ from moetrain.telemetry.loggers import build_loggers
 from moetrain.telemetry.routing_stats import RoutingWindow, layer_metrics
 from moetrain.train import checkpoint as ckpt
 from moetrain.train.optim import build_optimizer, build_scheduler, set_hyperparameters
-from moetrain.train.precision import precision_context
+from moetrain.train.precision import precision_context, resolve_precision
 
 
 class TrainingDiverged(RuntimeError):
@@ -75,8 +76,13 @@ class Trainer:
         if self.fsdp:
             from moetrain.parallel.fsdp import apply_fsdp
 
-            apply_fsdp(self.model, ctx)
+            apply_fsdp(self.model, ctx, cfg.parallel.dp_replicate, fssdp=fssdp is not None,
+                       param_dtype=resolve_precision(cfg, ctx.device))
         self.optimizer = build_optimizer(self.model, cfg.optim, ctx.device)
+        if self.fsdp:
+            from moetrain.parallel.fsdp import fit_optimizer
+
+            fit_optimizer(self.optimizer)  # plain experts next to DTensors: per-tensor AdamW
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, tc.max_steps)
         self.loader = build_loader(cfg.data, tc.seed, ctx.rank, ctx.world_size)
         self.balance = BalanceController(self.model, cfg.router, tc.max_steps, ctx)
@@ -209,8 +215,7 @@ class Trainer:
                 for name, term in record.losses.items():
                     aux_totals[name] = aux_totals.get(name, 0.0) + term.item()
         t0 = self._now()
-        if not self.fsdp:
-            sync_gradients(model, self.ctx)
+        sync_gradients(model, self.ctx)  # under FSDP only what it ignores (experts it does not shard)
         grad_norm = float(self._clip())  # global: the same value on every rank
         # One all-reduce carries the losses and the preemption flag; a NaN/inf on any rank makes the mean non-finite.
         names = sorted(aux_totals)
@@ -258,11 +263,7 @@ class Trainer:
                 f"or check model.init_std and the data")
 
     def _clip(self) -> torch.Tensor:
-        max_norm = self.cfg.optim.grad_clip
-        if self.fsdp:
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm if max_norm > 0 else float("inf"))
-            return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        return clip_grad_norm_(self.model, max_norm, self.ctx)
+        return clip_grad_norm_(self.model, self.cfg.optim.grad_clip, self.ctx)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
