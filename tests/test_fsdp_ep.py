@@ -7,14 +7,13 @@
 * checkpoints reshard: every layout of {1 process, ep=2 on 2 ranks (DDP), FSDP2 x ep=2 on 4 ranks, FSSDP with FSDP2
   dense on 2 ranks} saves at step 10, and another resumes from it and follows the reference to step 20. By default
   each source resumes once, into the next layout of a cycle (every layout saved once and resumed once, about a
-  minute); MOETRAIN_SLOW_TESTS=1 runs the whole 4 x 3 matrix (about three minutes more) and two more layouts (FSDP2
+  minute); `pytest --run-slow` runs the whole 4 x 3 matrix (about three minutes more) and two more layouts (FSDP2
   with ep=4, whose experts FSDP ignores; HSDP on 8 ranks, whose experts are HSDP-sharded on a 2-D mesh of their own).
 
 The single-process reference run (with its step-10 checkpoint) is shared by all tests through a module fixture, and so
 are the three distributed source runs of the resharding matrix (which double as loss-curve tests).
 """
 
-import os
 import shutil
 import time
 
@@ -34,8 +33,7 @@ from tests.distributed import run_distributed
 from tests.train_utils import losses, overrides
 
 STEPS = ("trainer.max_steps=20", "trainer.checkpoint_every=10", "trainer.keep_checkpoints=3")
-SLOW = os.environ.get("MOETRAIN_SLOW_TESTS") == "1"
-slow = pytest.mark.skipif(not SLOW, reason="set MOETRAIN_SLOW_TESTS=1")
+slow = pytest.mark.slow  # run with `pytest --run-slow` (tests/conftest.py)
 
 # name -> (world size, overrides): the layouts of the resharding matrix
 LAYOUTS = {
@@ -116,10 +114,11 @@ def test_hsdp_and_fsdp_follow_the_single_process_curve(tmp_path, cache_dir, refe
 
 CYCLE = ["one_process", "fsdp_ep2", "fssdp_fsdp", "ep2"]  # each saves once and resumes the previous one's
 ROTATION = [(src, CYCLE[(i + 1) % len(CYCLE)]) for i, src in enumerate(CYCLE)]
-MATRIX = [(src, dst) for src in LAYOUTS for dst in LAYOUTS if src != dst] if SLOW else ROTATION
+MATRIX = [pytest.param(src, dst, id=f"{src}-to-{dst}", marks=() if (src, dst) in ROTATION else slow)
+          for src in LAYOUTS for dst in LAYOUTS if src != dst]
 
 
-@pytest.mark.parametrize("src,dst", MATRIX, ids=[f"{s}-to-{d}" for s, d in MATRIX])
+@pytest.mark.parametrize("src,dst", MATRIX)
 def test_checkpoint_resumes_under_another_layout(tmp_path, cache_dir, reference, sources, src, dst):
     run = tmp_path / "dst"
     shutil.copytree(sources[src] / "checkpoints" / "step_00000010", run / "checkpoints" / "step_00000010")
