@@ -210,10 +210,10 @@ def test_preset_is_valid():
     ("router.num_null_experts=-3", "router.num_null_experts=-3 must be >= 1"),
     ("router.top_k=17", "router.top_k=17 must be between 1 and model.num_experts=8 plus the 8 experts of "
                         "router=adamoe"),
-    ("router.num_groups=2", "router.num_groups=2: group-limited routing is not supported by router=adamoe; set "
+    ("router.num_groups=2", "router.num_groups=2: router=adamoe has no group-limited routing; set "
                             "router.num_groups=1"),
     ("router.force_balanced=true", "router.force_balanced=true is a top-k benchmarking mode that router=adamoe "
-                                   "does not support"),
+                                   "does not have"),
 ])
 def test_bad_values_get_one_line_messages(override, message):
     got = problems(override)  # one line per problem: the method's own line names the key, the value and the fix

@@ -240,8 +240,8 @@ def test_preset_composes_and_validates():
     ("router.bucket_factor=nan", "router.bucket_factor=nan must be a finite number > 0"),
     ("router.bucket_factor=-1", "router.bucket_factor=-1.0 must be a finite number > 0"),
     ("router.eval_routing=causal", "router.eval_routing='causal' is unknown; choose one of topk, expert_choice"),
-    ("router.num_groups=2", "router.num_groups=2 has no meaning for router=expert_choice"),
-    ("router.force_balanced=true", "router.force_balanced=true has no effect with router=expert_choice"),
+    ("router.num_groups=2", "router.num_groups=2: router=expert_choice has no group-limited routing"),
+    ("router.force_balanced=true", "router.force_balanced=true is a top-k benchmarking mode that router=expert_choice does not have"),
 ])
 def test_config_check_messages(override, message, tmp_path):
     with pytest.raises(ConfigError) as e:

@@ -115,7 +115,7 @@ def test_preset_is_the_papers_setting():
     (["router.num_constant_experts=-1"], "router.num_constant_experts=-1 must be >= 0"),
     (["router.zc_loss_weight=-0.5"], "router.zc_loss_weight=-0.5 must be a finite number >= 0"),
     (["router.num_groups=2"], "router.num_groups=2: router=moepp has no group-limited routing"),
-    (["router.force_balanced=true"], "router.force_balanced=true is not supported by router=moepp"),
+    (["router.force_balanced=true"], "router.force_balanced=true is a top-k benchmarking mode that router=moepp does not have"),
     (["router.top_k=13"], "router.top_k=13 must be between 1 and model.num_experts=8 plus the 4 experts of "
                           "router=moepp"),
 ])

@@ -192,9 +192,9 @@ def test_preset_is_valid():
     ("router.dynamic_loss_coeff=inf", "router.dynamic_loss_coeff=inf must be >= 0 and finite"),
     ("router.score_func=sigmoid", "router.score_func=sigmoid does not work with router=top_p, which thresholds "
                                   "the cumulative softmax probability; set router.score_func=softmax"),
-    ("router.num_groups=2", "router.num_groups=2: group-limited routing is not supported by router=top_p"),
+    ("router.num_groups=2", "router.num_groups=2: router=top_p has no group-limited routing"),
     ("router.force_balanced=true", "router.force_balanced=true is a top-k benchmarking mode that router=top_p "
-                                   "does not support"),
+                                   "does not have"),
     ("router.top_k=9", "router.top_k=9 must be between 1 and model.num_experts=8"),
 ])
 def test_bad_values_get_one_line_messages(override, message):

@@ -304,6 +304,13 @@ def _router_method(cfg: TrainConfig, world_size: int) -> Iterator[str]:
                f"router={cfg.router.method} instead of setting router.method")
     elif cfg.model.num_experts > 0:
         yield from cls.check(cfg.router, cfg.model)
+        r = cfg.router
+        if not cls.group_limited and r.num_groups > 1:
+            yield (f"router.num_groups={r.num_groups}: router={r.method} has no group-limited routing; set "
+                   f"router.num_groups=1 (group-limited routing is part of router=default)")
+        if not cls.group_limited and r.force_balanced:
+            yield (f"router.force_balanced=true is a top-k benchmarking mode that router={r.method} does not have; "
+                   f"drop router.force_balanced or use router=default")
 
 
 def _router_shape(cfg: TrainConfig, world_size: int) -> Iterator[str]:

@@ -97,12 +97,6 @@ class AdaMoERouter(Router):
         if cfg.num_null_experts < 1:
             yield (f"router.num_null_experts={cfg.num_null_experts} must be >= 1 (the zero-output experts of "
                    f"router=adamoe; for plain top-k routing use router=default)")
-        if cfg.num_groups > 1:
-            yield (f"router.num_groups={cfg.num_groups}: group-limited routing is not supported by router=adamoe; "
-                   f"set router.num_groups=1")
-        if cfg.force_balanced:
-            yield ("router.force_balanced=true is a top-k benchmarking mode that router=adamoe does not support; "
-                   "drop router.force_balanced")
 
     def route(self, x_TD: torch.Tensor, ctx: RouteContext) -> RouterOutput:
         E, M, K = self.num_experts, self.cfg.num_null_experts, self.cfg.top_k

@@ -85,6 +85,9 @@ class Router(nn.Module):
 
     config_cls: ClassVar[type] = RouterConfig
     method: ClassVar[str] = ""
+    # Whether the method implements group-limited routing (router.num_groups / topk_groups / group_by) and the
+    # forced-balanced benchmarking assignment; the validator refuses those keys for a method that does not.
+    group_limited: ClassVar[bool] = False
 
     def __init__(self, dim: int, num_experts: int, cfg: RouterConfig):
         super().__init__()

@@ -33,8 +33,7 @@ so in expert-choice mode a token's output depends on future tokens. That is fine
 autoregressive LM: generation cannot see the future, and a validation loss computed that way leaks future
 information (it is optimistic). The remedy used by default (eval_routing=topk): whenever the router is not training
 (`model.eval()`, which the trainer's evaluate() sets), route by token choice over the same learned scores: each
-token takes its top-K experts (plus the balancing bias, which stays zero under expert-choice training, and
-group-limited routing if configured), gates = scores (renormalised if norm_topk_prob, times route_scale). Then
+token takes its top-K experts (plus the balancing bias, which stays zero under expert-choice training), gates = scores (renormalised if norm_topk_prob, times route_scale). Then
 validation and generation are causal, and the eval routing averages K experts per token like training.
 eval_routing=expert_choice keeps expert choice in evaluation: the validation loss then sees the future.
 """
@@ -111,12 +110,6 @@ class ExpertChoiceRouter(Router):
         if cfg.eval_routing not in EVAL_ROUTINGS:
             yield (f"router.eval_routing={cfg.eval_routing!r} is unknown; choose one of {', '.join(EVAL_ROUTINGS)} "
                    f"(topk: causal token choice at evaluation; expert_choice: the validation loss sees the future)")
-        if cfg.num_groups > 1:
-            yield (f"router.num_groups={cfg.num_groups} has no meaning for router=expert_choice (experts choose "
-                   f"tokens, there is no group-limited choice to make); set router.num_groups=1")
-        if cfg.force_balanced:
-            yield ("router.force_balanced=true has no effect with router=expert_choice (balanced by construction); "
-                   "set router.force_balanced=false, or use router=default for a forced-balanced benchmark")
 
     def bucket(self, seq_len: int) -> int:
         """C for sequences of length S."""

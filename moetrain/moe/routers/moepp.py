@@ -127,11 +127,6 @@ class MoEPPRouter(Router):
         if not math.isfinite(tau) or tau < 0:
             yield (f"router.zc_loss_weight={tau} must be a finite number >= 0 (the paper's tau, weight of the "
                    f"zero-computation experts in the balance loss; the paper uses 0.75)")
-        if cfg.num_groups != 1:
-            yield (f"router.num_groups={cfg.num_groups}: router=moepp has no group-limited routing; set "
-                   f"router.num_groups=1")
-        if cfg.force_balanced:
-            yield "router.force_balanced=true is not supported by router=moepp (use router=default to benchmark)"
 
     def reset_parameters(self, init_std: float) -> None:
         """The gate as every router; W_c,j and W_g like the gate (truncated normal, init_std), v_j ~ N(0, 1). All from

@@ -91,12 +91,6 @@ class TopPRouter(Router):
         if cfg.score_func == "sigmoid":
             yield ("router.score_func=sigmoid does not work with router=top_p, which thresholds the cumulative "
                    "softmax probability; set router.score_func=softmax")
-        if cfg.num_groups > 1:
-            yield (f"router.num_groups={cfg.num_groups}: group-limited routing is not supported by router=top_p; "
-                   f"set router.num_groups=1")
-        if cfg.force_balanced:
-            yield ("router.force_balanced=true is a top-k benchmarking mode that router=top_p does not support; "
-                   "drop router.force_balanced")
 
     def route(self, x_TD: torch.Tensor, ctx: RouteContext) -> RouterOutput:
         cfg = self.cfg

@@ -39,6 +39,7 @@ from moetrain.moe.routers.base import RouteContext, Router, RouterOutput, regist
 @register("topk")
 class TopKRouter(Router):
     config_cls = RouterConfig
+    group_limited = True
 
     def __init__(self, dim: int, num_experts: int, cfg: RouterConfig):
         super().__init__(dim, num_experts, cfg)
