@@ -33,8 +33,9 @@ so in expert-choice mode a token's output depends on future tokens. That is fine
 autoregressive LM: generation cannot see the future, and a validation loss computed that way leaks future
 information (it is optimistic). The remedy used by default (eval_routing=topk): whenever the router is not training
 (`model.eval()`, which the trainer's evaluate() sets), route by token choice over the same learned scores: each
-token takes its top-K experts (plus the balancing bias, which stays zero under expert-choice training), gates = scores (renormalised if norm_topk_prob, times route_scale). Then
-validation and generation are causal, and the eval routing averages K experts per token like training.
+token takes its top-K experts (plus the balancing bias, which stays zero under expert-choice training), gates =
+scores (renormalised if norm_topk_prob, times route_scale). Then validation and generation are causal, and the eval
+routing averages K experts per token like training.
 eval_routing=expert_choice keeps expert choice in evaluation: the validation loss then sees the future.
 """
 
