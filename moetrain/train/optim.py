@@ -4,8 +4,11 @@ Weight decay applies to matrices (ndim >= 2) except the token embedding; norms' 
 Schedule (step s counted from 0, warm-up w, total N, floor r = min_lr_ratio):
     lr(s) = lr * (s + 1) / w                                       for s < w
     lr(s) = lr * (r + (1 - r) * 0.5 * (1 + cos(pi * (s - w) / (N - w))))   after (cosine), or lr (constant)
-Implementation: `impl=auto` picks apex FusedAdam on CUDA when apex is importable, else torch's fused AdamW on CUDA,
-else foreach on CPU. The choice is made here, once, by device.
+Implementation: `impl=auto` picks apex FusedAdam on CUDA when apex is importable, else torch's fused AdamW wherever
+torch has a fused kernel for every parameter (floating point on a supported device: CPU and CUDA both, in torch 2.13),
+else foreach. `impl=fused` asks for torch's fused AdamW regardless (torch refuses unsupported parameters). The choice
+is made here, once; under FSDP2, `moetrain.parallel.fsdp.fit_optimizer` then drops to the per-tensor loop when plain
+tensors sit next to DTensors (torch's fused and foreach kernels both refuse that mix).
 """
 
 from __future__ import annotations
@@ -36,6 +39,16 @@ def _apex_fused_adam():
     return FusedAdam
 
 
+def fused_supported(params) -> bool:
+    """Whether torch's fused AdamW has a kernel for every parameter: floating point on a device torch lists as having
+    fused optimizer kernels (the check `torch.optim.AdamW(fused=True)` makes, done here without raising)."""
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    devices = set(_get_fused_kernels_supported_devices())
+    params = list(params)
+    return bool(params) and all(p.device.type in devices and torch.is_floating_point(p) for p in params)
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay)
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
@@ -48,7 +61,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
             raise RuntimeError("optim.impl=apex but NVIDIA apex is not importable; use optim.impl=auto")
     if impl == "apex" and device.type != "cuda":
         raise RuntimeError("optim.impl=apex needs a CUDA device; use optim.impl=auto")
-    fused = impl == "fused" or (impl == "auto" and device.type == "cuda")
+    fused = impl == "fused" or (impl == "auto" and fused_supported(p for g in groups for p in g["params"]))
     return torch.optim.AdamW(groups, fused=fused, foreach=None if fused else True, **kwargs)
 
 

@@ -337,21 +337,26 @@ class Trainer:
         last: dict[str, float] = {}
         if self.step == 0 and tc.eval_every and tc.eval_batches:
             self.loggers.log(0, self.evaluate())  # the starting point of the validation curve
-        start_time, start_step = time.perf_counter(), self.step
+        start_time, start_step = _clock(), self.step
+        # Throughput window: the steps since the previous log line and their wall time, validation excluded.
+        window_start, window_steps, window_eval_s = start_time, 0, 0.0
         while self.step < tc.max_steps:
-            t0 = time.perf_counter()
             metrics = self.train_step()
-            dt = time.perf_counter() - t0
+            window_steps += 1
             log_now = self.step % tc.log_every == 0 or self.step == tc.max_steps
             metrics.update(self._routing_metrics(log_now))
             if self.step == tc.max_steps or (tc.eval_every and self.step % tc.eval_every == 0):
+                t_eval = _clock()
                 metrics.update(self.evaluate())  # periodic, and always at the end
+                window_eval_s += _clock() - t_eval
             if log_now or "val_loss" in metrics:
-                elapsed = time.perf_counter() - start_time
-                done = self.step - start_step
-                metrics.update(lr=self.scheduler.get_last_lr()[0], tokens_per_s=tokens_per_step / dt,
-                               step_time_s=dt, eta_s=elapsed / max(done, 1) * (tc.max_steps - self.step))
+                now = _clock()
+                elapsed, done = now - start_time, self.step - start_step
+                step_time = max(now - window_start - window_eval_s, 1e-12) / window_steps
+                metrics.update(lr=self.scheduler.get_last_lr()[0], tokens_per_s=tokens_per_step / step_time,
+                               step_time_s=step_time, eta_s=elapsed / max(done, 1) * (tc.max_steps - self.step))
                 self.loggers.log(self.step, metrics)
+                window_start, window_steps, window_eval_s = now, 0, 0.0
             last = metrics
             self._stop_if_diverged()
             if self.preempted:
@@ -367,6 +372,9 @@ class Trainer:
             summary = {k: v for k, v in last.items() if isinstance(v, (int, float))}
             (self.run_dir / "summary.json").write_text(json.dumps({"step": self.step, **summary}, indent=1))
         return last
+
+
+_clock = time.perf_counter  # the wall clock of `_run`'s throughput metrics (a test may replace it)
 
 
 def _differs(a, b) -> bool:
