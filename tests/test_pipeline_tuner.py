@@ -1,7 +1,12 @@
-"""The adaptive pipelining degree tuner: trial schedule, consistent choice across ranks, re-tuning."""
+"""The adaptive pipelining degree tuner: trial schedule, consistent choice across ranks, re-tuning, and what the
+all-to-all dispatcher measures for it (forward + backward of the MoE region)."""
 
+import time
+
+import pytest
 import torch
 import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
 
 from moetrain.parallel.pipeline import DegreeTuner
 from tests.distributed import run_distributed
@@ -54,3 +59,64 @@ def _consistent_body(rank, world):
 
 def test_choice_is_the_same_on_every_rank():
     assert run_distributed(_consistent_body, 2) == [1, 1]
+
+
+# ------------------------------------------------------------------ the dispatcher's timing: forward + backward
+SLEEP_S = 0.05  # injected into the backward of every expert computation (one per pipeline chunk)
+
+
+class _SleepInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        time.sleep(SLEEP_S)
+        return grad
+
+
+def _timed_layer_body(rank, world, checkpointed):
+    from moetrain.config.schema import RouterConfig
+    from moetrain.parallel.mesh import ParallelContext, build_groups
+    from moetrain.parallel.moe_layer import build_moe_layer
+
+    ctx = build_groups(ParallelContext(ep=2))
+    torch.manual_seed(0)
+    layer = build_moe_layer(8, 16, 4, 0, RouterConfig(top_k=2), layer_id=1, ep_group=ctx.ep_group,
+                            pipeline_degree="auto")
+    layer.reset_parameters(0.3, 0.3, seed=0)
+    compute = layer.experts.compute
+    layer.experts.compute = lambda *a, **k: _SleepInBackward.apply(compute(*a, **k))
+    tuner = layer.dispatcher.tuner
+    assert tuner.candidates == [1, 2] and tuner.trial_steps == 2
+    micro_batches = 2 if checkpointed else 1
+    degrees = []
+    for step in range(6):
+        degrees.append(layer.degree)
+        for _ in range(micro_batches):
+            x = torch.randn(1, 6, 8, requires_grad=True)
+            if checkpointed:  # the forward is recomputed inside backward: still one timed forward per micro-batch
+                y = checkpoint(layer, x, use_reentrant=False)
+            else:
+                y = layer(x)
+            y.square().sum().backward()
+        layer.after_step(step, None, None)
+    return degrees, tuner.chosen, tuner.components, tuner._times
+
+
+@pytest.mark.parametrize("checkpointed", [False, True], ids=["plain", "full_checkpointing"])
+def test_dispatcher_times_forward_and_backward(checkpointed):
+    results = run_distributed(_timed_layer_body, 2, checkpointed)
+    chosen = {r[1] for r in results}
+    assert len(chosen) == 1 and chosen <= {1, 2}, results  # every rank picked the same degree
+    micro_batches = 2 if checkpointed else 1
+    for degrees, _, components, times in results:
+        assert degrees[:4] == [1, 1, 2, 2] and len(set(degrees[4:])) == 1
+        for n in (1, 2):
+            # one record per micro-batch of the two trial steps (a recomputed forward is not a second one)
+            assert len(components[n]) == 2 * micro_batches, components
+            for (forward_s, backward_s), total in zip(components[n], times[n]):
+                assert forward_s > 0
+                assert backward_s >= n * SLEEP_S  # the backward of each chunk's expert computation is inside
+                assert total == pytest.approx(forward_s + backward_s)

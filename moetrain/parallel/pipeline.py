@@ -8,10 +8,19 @@ communication but pay more per-collective latency and smaller GEMMs, so the best
 shapes and the routing. Tutel's paper picks n at run time and its public code does not; we do, per layer:
 
   * trial phase: each candidate n in {1, 2, 4, 8} (at most L) runs for `trial_steps` whole optimizer steps (so every
-    micro-batch of a step, and any activation recomputation in its backward, uses one degree); the layer's forward
-    time from dispatch to combine is recorded for the training forwards;
+    micro-batch of a step, and any activation recomputation in its backward, uses one degree); for every training
+    micro-batch the layer's forward (from `plan` to the end of `combine_postprocess`) plus its backward (from the
+    gradient reaching the combine output to the end of the backward of `dispatch_preprocess`) is recorded. Timing
+    the forward alone misleads: the backward gains much less from more chunks than the forward does (measured:
+    n=8 looked 1.6-1.75x faster than n=1 in forward time, but was 1.07-1.10x over forward + backward, where n=4
+    gave 1.16-1.21x), so forward-only timing kept choosing the largest n;
   * decision: the per-candidate mean time is all-reduced with MAX over the group (the slowest rank is what the step
     waits for), so every rank picks the same n: argmin;
+  * activation checkpointing: a forward recomputed inside backward is not timed as a forward (it would be counted
+    twice), but the recomputation that the region's backward triggers lies inside the backward interval and is
+    counted there. For the MoE part that is a real cost of the degree (the recomputed forward dispatches and
+    combines again, with the same n); under `full` checkpointing the block's attention is recomputed in the same
+    interval, which adds the same time to every candidate and so does not change the argmin;
   * re-tuning: when the tokens per micro-batch change, or the global expert load drifts from the distribution seen at
     decision time by more than `retune_drift` in total-variation distance, the trial phase starts again.
 """
@@ -41,7 +50,9 @@ class DegreeTuner:
     def _start_trials(self) -> None:
         self.chosen = None
         self._trial_index, self._steps_in_trial = 0, 0
-        self._times: dict[int, list[float]] = {n: [] for n in self.candidates}
+        self._times: dict[int, list[float]] = {n: [] for n in self.candidates}  # forward + backward per micro-batch
+        # (forward, backward) seconds of the same records, for inspection (not part of the checkpointed state).
+        self.components: dict[int, list[tuple[float, float]]] = {n: [] for n in self.candidates}
         self._shape_changed = False
 
     @property
@@ -49,13 +60,15 @@ class DegreeTuner:
         """The degree to use for every forward of the current step."""
         return self.chosen if self.chosen is not None else self.candidates[self._trial_index]
 
-    def record(self, seconds: float, num_tokens: int) -> None:
-        """A training forward of this layer took `seconds` with `num_tokens` tokens at the current degree."""
+    def record(self, seconds: float, num_tokens: int, backward_seconds: float = 0.0) -> None:
+        """A training micro-batch of this layer took `seconds` in forward and `backward_seconds` in backward with
+        `num_tokens` tokens at the current degree; their sum is what the candidates are compared on."""
         if self._num_tokens is not None and num_tokens != self._num_tokens:
             self._shape_changed = True
         self._num_tokens = num_tokens
         if self.chosen is None:
-            self._times[self.degree].append(seconds)
+            self._times[self.degree].append(seconds + backward_seconds)
+            self.components[self.degree].append((seconds, backward_seconds))
 
     def end_step(self, global_load_E: Optional[torch.Tensor] = None) -> None:
         """Called once per optimizer step on every rank of the group, in the same order. The degree changes only
@@ -101,6 +114,7 @@ class DegreeTuner:
         self.chosen, self.decisions = state["chosen"], int(state["decisions"])
         self._trial_index, self._steps_in_trial = int(state["trial_index"]), int(state["steps_in_trial"])
         self._times = {n: [float(t) for t in times] for n, times in zip(self.candidates, state["times"])}
+        self.components = {n: [] for n in self.candidates}
         self._shape_changed, self._num_tokens = bool(state["shape_changed"]), state["num_tokens"]
         load = state["load_at_decision"]
         self._load_at_decision = None if load is None else torch.tensor(load, dtype=torch.float64)
@@ -137,3 +151,71 @@ def elapsed_s(start, stop) -> float:
         return stop - start
     stop.synchronize()
     return start.elapsed_time(stop) / 1e3
+
+
+class RegionTiming:
+    """The clocks of one timed training micro-batch of a layer's MoE region: forward from `plan` to the end of
+    `combine_postprocess`, backward from the gradient reaching the combine output to the end of the backward of
+    `dispatch_preprocess` (filled in by the marker Functions below when the backward runs)."""
+
+    __slots__ = ("start", "forward_stop", "backward_start", "backward_stop", "num_tokens")
+
+    def __init__(self, start, num_tokens: int):
+        self.start, self.num_tokens = start, num_tokens
+        self.forward_stop = self.backward_start = self.backward_stop = None
+
+    def seconds(self) -> tuple[float, float]:
+        """(forward, backward). Backward is 0 when it did not run through the whole region (no backward this step,
+        or the region's input does not require grad so no gradient reaches its marker): the same for every
+        candidate of a layer, so the comparison stays fair."""
+        forward = elapsed_s(self.start, self.forward_stop)
+        if self.backward_start is None or self.backward_stop is None:
+            return forward, 0.0
+        return forward, elapsed_s(self.backward_start, self.backward_stop)
+
+
+class _MarkBackwardStart(torch.autograd.Function):
+    """Identity on the region's output; its backward runs when the gradient reaches that output."""
+
+    @staticmethod
+    def forward(ctx, x, timing):
+        ctx.timing = timing
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.timing.backward_start is None:  # a graph backpropagated twice (retain_graph) keeps the first
+            ctx.timing.backward_start = clock_stop(ctx.timing.start)
+        return grad, None
+
+
+class _MarkBackwardStop(torch.autograd.Function):
+    """Identity on the region's input; its backward runs once the region's backward has produced that input's
+    gradient (autograd runs a node only after the gradients of all its consumers are accumulated)."""
+
+    @staticmethod
+    def forward(ctx, x, timing):
+        ctx.timing = timing
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.timing.backward_stop is None:
+            ctx.timing.backward_stop = clock_stop(ctx.timing.start)
+        return grad, None
+
+
+def mark_region_input(x: torch.Tensor, timing: Optional[RegionTiming]) -> torch.Tensor:
+    """x unchanged; when timed and x takes part in autograd, the end of the region's backward gets recorded."""
+    if timing is None or not x.requires_grad:
+        return x
+    return _MarkBackwardStop.apply(x, timing)
+
+
+def mark_region_output(y: torch.Tensor, timing: Optional[RegionTiming]) -> torch.Tensor:
+    """y unchanged; when timed, records the end of the forward and (if y takes part in autograd) marks the start of
+    the region's backward."""
+    if timing is None:
+        return y
+    timing.forward_stop = clock_stop(timing.start)
+    return _MarkBackwardStart.apply(y, timing) if y.requires_grad else y

@@ -31,7 +31,8 @@ import torch.distributed as dist
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 from moetrain.moe.plan import RoutingPlan, build_plan, permute, permute_rows, unpermute
-from moetrain.parallel.pipeline import DegreeTuner, clock_start, clock_stop, elapsed_s
+from moetrain.parallel.pipeline import (DegreeTuner, RegionTiming, clock_start, mark_region_input,
+                                        mark_region_output)
 from moetrain.parallel.dispatch.placement import Placement
 
 
@@ -70,7 +71,7 @@ class AllToAllPlan:
     local: RoutingPlan  # rows in (chunk, destination, expert) order
     placement: Placement
     chunks: list[ChunkPlan]
-    started: Optional[object] = None  # clock of a forward timed for the degree tuner (see `plan`)
+    timing: Optional[RegionTiming] = None  # clocks of a micro-batch timed for the degree tuner (see `plan`)
 
     @property
     def num_dropped(self) -> int:
@@ -130,7 +131,8 @@ class AllToAllDispatcher:
     def __init__(self, num_experts: int, group: dist.ProcessGroup, capacity_factor=None, pad_to_capacity=False,
                  placement_source: Optional[PlacementSource] = None, pipeline_degree: str = "1"):
         """pipeline_degree: chunks of the all-to-all ("1", "2", "4", "8"), or "auto" for a DegreeTuner that times
-        the training forwards (dispatch to combine) and picks the fastest (parallel/pipeline.py)."""
+        the training micro-batches (forward + backward, dispatch to combine) and picks the fastest
+        (parallel/pipeline.py)."""
         self.group = group
         self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
         if num_experts % self.world:
@@ -141,7 +143,7 @@ class AllToAllDispatcher:
         self._tables: tuple[Optional[Placement], Optional[_PlacementTables]] = (None, None)
         self.tuner = DegreeTuner(self.num_local_experts, group) if pipeline_degree == "auto" else None
         self._fixed_degree = 1 if pipeline_degree == "auto" else int(pipeline_degree)
-        self._timings: list = []  # (start, stop, tokens) of this step's timed forwards
+        self._timings: list[RegionTiming] = []  # this step's timed micro-batches (forward, then backward)
         self._location: tuple[Optional[list[int]], Optional[torch.Tensor]] = (None, None)  # (owners, location_E)
 
     @property
@@ -151,11 +153,13 @@ class AllToAllDispatcher:
 
     # ------------------------------------------------------------------------------------- per-step hooks
     def after_step(self, step: int, global_tokens_per_expert_E: Optional[torch.Tensor], optimizer=None) -> None:
-        """Feed the step's forward times (and the global load, for drift detection) to the degree tuner."""
+        """Feed the step's forward + backward times (and the global load, for drift detection) to the degree
+        tuner; the step's backward passes have all run by now."""
         if self.tuner is None:
             return
-        for start, stop, tokens in self._timings:
-            self.tuner.record(elapsed_s(start, stop), tokens)
+        for timing in self._timings:
+            forward_s, backward_s = timing.seconds()
+            self.tuner.record(forward_s, timing.num_tokens, backward_s)
         self._timings.clear()
         self.tuner.end_step(global_tokens_per_expert_E)
 
@@ -198,11 +202,13 @@ class AllToAllDispatcher:
         """Route, assign destinations, exchange counts. With num_chunks n > 1 (default: `degree`) every destination's
         experts are split into n contiguous slot ranges (chunk of slot s among M experts: s * n // M), rows are
         ordered (chunk, destination, expert) and each chunk travels as its own all-to-all (see parallel/pipeline.py).
-        Training forwards are timed from here to `combine_postprocess` for the tuner (not their recomputation in
-        backward)."""
+        For the tuner, a training micro-batch is timed from here to the end of `combine_postprocess` (forward) and
+        from the gradient reaching the combine output to the end of the backward of `dispatch_preprocess` (backward;
+        identity autograd markers on the region's input and output). A forward recomputed inside backward
+        (activation checkpointing) is not timed as a forward; the recomputation lies in the backward interval."""
         timed = (self.tuner is not None and torch.is_grad_enabled()
                  and torch._C._current_graph_task_id() == -1)  # -1: not inside a backward pass
-        started = clock_start(topk_idx_TK.device) if timed else None
+        timing = RegionTiming(clock_start(topk_idx_TK.device), topk_idx_TK.shape[0]) if timed else None
         num_chunks = self.degree if num_chunks is None else num_chunks
         E, W = self.num_experts, self.world
         local = build_plan(topk_idx_TK, gates_TK, E, self.capacity_factor, self.pad_to_capacity, keep_TK)
@@ -240,10 +246,10 @@ class AllToAllDispatcher:
             chunks.append(ChunkPlan(slice(row, row + sum(send_splits)), send_splits, counts_Wm.sum(1).tolist(),
                                     regroup, torch.argsort(regroup), slice(lo, hi), counts_Wm.sum(0)))
             row += sum(send_splits)
-        return AllToAllPlan(local=local, placement=placement, chunks=chunks, started=started)
+        return AllToAllPlan(local=local, placement=placement, chunks=chunks, timing=timing)
 
     def dispatch_preprocess(self, x_TD, plan: AllToAllPlan):
-        return permute(x_TD, plan.local)
+        return permute(mark_region_input(x_TD, plan.timing), plan.local)
 
     def dispatch_comm(self, x_RD, plan: AllToAllPlan, chunk: int = 0):
         c = plan.chunks[chunk]
@@ -267,6 +273,6 @@ class AllToAllDispatcher:
     def combine_postprocess(self, y_RD, plan: AllToAllPlan):
         """y_RD: the combine results of all chunks, concatenated in chunk order (= the send order)."""
         y_TD = unpermute(y_RD, plan.local)
-        if plan.started is not None:
-            self._timings.append((plan.started, clock_stop(plan.started), plan.local.num_tokens))
-        return y_TD
+        if plan.timing is not None:
+            self._timings.append(plan.timing)
+        return mark_region_output(y_TD, plan.timing)
