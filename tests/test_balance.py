@@ -8,7 +8,12 @@ import math
 import pytest
 import torch
 
-from moetrain.balance.bias import bias_rate_at, bias_update_
+from moetrain.balance.bias import BIAS_UPDATE_RULES, bias_rate_at, bias_update_
+from moetrain.balance.controller import BalanceController
+from moetrain.config.schema import RouterConfig
+from moetrain.config.validate import CHOICES
+from moetrain.parallel.mesh import ParallelContext
+from moetrain.parallel.moe_layer import build_moe_layer
 from moetrain.balance.losses import seq_aux_loss, switch_aux_loss, z_loss
 
 
@@ -18,7 +23,7 @@ from moetrain.balance.losses import seq_aux_loss, switch_aux_loss, z_loss
 def test_bias_update_ties_and_unused_expert():
     bias_E = torch.tensor([0.5, 0.0, 0.0, -0.5])
     counts_E = torch.tensor([6.0, 2.0, 0.0, 0.0])  # mean 2: overloaded, tie with the mean, unused, unused
-    update_E = bias_update_(bias_E, counts_E, rate=0.1)
+    update_E = bias_update_(bias_E, counts_E, rate=0.1, rule="sign")
     torch.testing.assert_close(update_E, torch.tensor([-0.1, 0.0, 0.1, 0.1]))
     torch.testing.assert_close(bias_E, torch.tensor([0.4, 0.0, 0.1, -0.4]))
     assert bias_E.dtype == torch.float32 and not bias_E.requires_grad
@@ -26,7 +31,7 @@ def test_bias_update_ties_and_unused_expert():
 
 def test_bias_update_centered():
     bias_E = torch.zeros(4)
-    update_E = bias_update_(bias_E, torch.tensor([6, 2, 0, 0]), rate=0.1, center=True)
+    update_E = bias_update_(bias_E, torch.tensor([6, 2, 0, 0]), rate=0.1, center=True, rule="sign")
     # raw [-0.1, 0, 0.1, 0.1], mean 0.025
     expected_E = torch.tensor([-0.125, -0.025, 0.075, 0.075])
     torch.testing.assert_close(update_E, expected_E)
@@ -36,8 +41,8 @@ def test_bias_update_centered():
 
 def test_bias_update_balanced_and_all_unused_do_nothing():
     bias_E = torch.tensor([0.1, 0.2, 0.3])
-    bias_update_(bias_E, torch.tensor([5, 5, 5]), rate=1.0)
-    bias_update_(bias_E, torch.zeros(3), rate=1.0)
+    bias_update_(bias_E, torch.tensor([5, 5, 5]), rate=1.0, rule="sign")
+    bias_update_(bias_E, torch.zeros(3), rate=1.0, rule="sign")
     torch.testing.assert_close(bias_E, torch.tensor([0.1, 0.2, 0.3]))
 
 
@@ -46,6 +51,98 @@ def test_bias_update_errors():
         bias_update_(torch.zeros(2, dtype=torch.bfloat16), torch.ones(2), 0.1)
     with pytest.raises(ValueError, match="match"):
         bias_update_(torch.zeros(2), torch.ones(3), 0.1)
+
+
+def test_bias_update_sign_rule_unchanged():
+    """DeepSeek-V3's rule (router.bias_update_rule=sign): every expert off the mean moves by exactly the rate."""
+    # the size of the violation does not matter to the sign rule
+    bias_E = torch.zeros(3)
+    update_E = bias_update_(bias_E, torch.tensor([100.0, 1.0, 0.0]), rate=0.1, rule="sign")
+    torch.testing.assert_close(update_E, torch.tensor([-0.1, 0.1, 0.1]))
+
+
+def test_bias_update_proportional_hand_computed():
+    bias_E = torch.tensor([0.5, 0.0, 0.0, -0.5])
+    counts_E = torch.tensor([6.0, 2.0, 0.0, 0.0])  # mean 2: (mean - c) / mean = [-2, 0, 1, 1]
+    update_E = bias_update_(bias_E, counts_E, rate=0.1, rule="proportional")
+    torch.testing.assert_close(update_E, torch.tensor([-0.2, 0.0, 0.1, 0.1]))
+    torch.testing.assert_close(bias_E, torch.tensor([0.3, 0.0, 0.1, -0.4]))
+    assert bias_E.dtype == torch.float32
+    # the update already has zero mean: centering changes nothing
+    centered_E = bias_update_(torch.zeros(4), counts_E, rate=0.1, center=True, rule="proportional")
+    torch.testing.assert_close(centered_E, update_E)
+    # a small violation gives a small step (the sign rule would move every expert by the full rate)
+    small_E = bias_update_(torch.zeros(4), torch.tensor([101.0, 99.0, 100.0, 100.0]), 0.1, rule="proportional")
+    torch.testing.assert_close(small_E, torch.tensor([-0.001, 0.001, 0.0, 0.0]))
+    # only the relative loads matter: scaling the counts leaves the step unchanged
+    torch.testing.assert_close(bias_update_(torch.zeros(4), counts_E * 1000, 0.1, rule="proportional"), update_E)
+
+
+def test_bias_update_proportional_balanced_and_all_unused_do_nothing():
+    bias_E = torch.tensor([0.1, 0.2, 0.3])
+    bias_update_(bias_E, torch.tensor([5, 5, 5]), rate=1.0, rule="proportional")
+    bias_update_(bias_E, torch.zeros(3), rate=1.0, rule="proportional")
+    torch.testing.assert_close(bias_E, torch.tensor([0.1, 0.2, 0.3]))
+
+
+def test_bias_update_rules_match_the_config_choices():
+    assert set(BIAS_UPDATE_RULES) == set(CHOICES["router.bias_update_rule"])
+    assert RouterConfig().bias_update_rule in BIAS_UPDATE_RULES
+    assert RouterConfig().bias_update_rule == "proportional" and RouterConfig().bias_update_rate == 0.05
+    with pytest.raises(ValueError, match="rule"):
+        bias_update_(torch.zeros(2), torch.ones(2), 0.1, rule="bogus")
+
+
+def _skewed_layer(rule: str, rate: float):
+    torch.manual_seed(0)
+    E = 4
+    cfg = RouterConfig(top_k=1, bias_update_rule=rule, bias_update_rate=rate)
+    layer = build_moe_layer(8, 16, E, 0, cfg, layer_id=1)
+    layer.reset_parameters(0.3, 0.3, seed=0)
+    layer.router.expert_bias_E.copy_(torch.tensor([0.6, 0.0, 0.0, -0.6]))  # start far from balance
+    return layer, cfg
+
+
+def _max_vio(counts_E: torch.Tensor) -> float:
+    return float((counts_E.max() - counts_E.mean()) / counts_E.mean())
+
+
+def test_controller_proportional_update_moves_bias_towards_balance():
+    layer, cfg = _skewed_layer("proportional", 0.05)
+    controller = BalanceController(layer, cfg, max_steps=100, ctx=ParallelContext())
+    x_BSD = torch.randn(1, 256, 8, generator=torch.Generator().manual_seed(1))
+    vios, biases = [], []
+    for step in range(60):
+        with torch.no_grad():
+            _, record = layer(x_BSD, return_record=True)
+        controller.observe([record])
+        bias_before_E = layer.router.expert_bias_E.clone()
+        counts_E = controller.step(step)[0]
+        update_E = layer.router.expert_bias_E - bias_before_E
+        if step == 0:  # the first step is exactly the proportional formula on the step's counts
+            mean = counts_E.mean()
+            torch.testing.assert_close(update_E, 0.05 * (mean - counts_E) / mean)
+        vios.append(_max_vio(counts_E))
+        biases.append(layer.router.expert_bias_E.clone())
+    assert vios[0] > 1.0  # the forced bias makes expert 0 take most tokens
+    assert max(vios[-10:]) < 0.2 * vios[0]
+    # it settles: the late steps move the bias far less than the early ones
+    early = float((biases[5] - biases[0]).abs().max())
+    late = float((biases[-1] - biases[-6]).abs().max())
+    assert late < 0.2 * early
+    # the favoured expert lost bias, the disfavoured one gained
+    assert biases[-1][0] < 0.6 and biases[-1][3] > -0.6
+
+
+def test_controller_leaves_bias_on_a_skipped_step():
+    layer, cfg = _skewed_layer("proportional", 0.05)
+    controller = BalanceController(layer, cfg, max_steps=100, ctx=ParallelContext())
+    before_E = layer.router.expert_bias_E.clone()
+    with torch.no_grad():
+        _, record = layer(torch.randn(1, 64, 8), return_record=True)
+    controller.observe([record])
+    controller.step(0, update_bias=False)
+    torch.testing.assert_close(layer.router.expert_bias_E, before_E)
 
 
 def test_bias_rate_schedule():

@@ -6,8 +6,8 @@ Each training forward returns one RoutingRecord per MoE layer; `observe` accumul
 backward returns its records to nobody, so nothing is counted twice). After the backward pass of the last micro-batch
 and before the optimizer step:
     c_NE = sum over micro-batches of each layer's tokens_per_expert_E, all-reduced over all ranks (one collective)
-    b_E += u_s * sign(mean(c_E) - c_E)            per layer (balance/bias.py), u_s = bias_update_rate until
-                                                  bias_update_stop_frac * max_steps, then 0
+    b_E += u_s * (mean(c_E) - c_E) / mean(c_E)    per layer (balance/bias.py; bias_update_rule=sign: u_s * sign(...)),
+                                                  u_s = bias_update_rate until bias_update_stop_frac * max_steps, then 0
 The counts are also what the routing metrics (MaxVio etc.) are computed from, so telemetry costs no extra collective
 except the per-rank compute load, gathered on logging steps only.
 """
@@ -67,7 +67,8 @@ class BalanceController:
         rate = bias_rate_at(step, self.max_steps, self.cfg.bias_update_rate, self.cfg.bias_update_stop_frac)
         for m, counts_E in zip(self.layers, counts_NE):
             if update_bias and rate > 0 and not self.cfg.force_balanced:
-                bias_update_(m.router.expert_bias_E, counts_E, rate, self.cfg.bias_update_center)
+                bias_update_(m.router.expert_bias_E, counts_E, rate, self.cfg.bias_update_center,
+                             self.cfg.bias_update_rule)
         self._reset_counts()
         return counts_NE
 

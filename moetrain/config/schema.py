@@ -49,7 +49,9 @@ class RouterConfig:
     topk_groups: int = 1  # ... and a token may only use experts of this many groups
     group_by: str = "experts"  # experts: groups are equal expert-id ranges | ranks: num_groups blocks of the ranks
                                # computing the experts now (node-limited routing; docs/routers/deepseek_moe.md)
-    bias_update_rate: float = 1e-3  # aux-loss-free balancing: b += u * sign(mean(c) - c); 0 turns it off
+    bias_update_rate: float = 5e-2  # aux-loss-free balancing: the bias step u (see the rule); 0 turns it off
+    bias_update_rule: str = "proportional"  # b += u * (mean(c) - c) / mean(c) | sign: b += u * sign(mean(c) - c)
+                                            # (DeepSeek-V3's rule, with its u = 1e-3); docs/load_balancing.md
     bias_update_center: bool = False  # subtract the mean of the update
     bias_update_stop_frac: float = 1.0  # the rate falls to zero after this fraction of trainer.max_steps
     aux_loss_coeff: float = 0.0  # Switch/GShard: coeff * E * sum_i f_i * P_i

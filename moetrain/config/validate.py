@@ -38,6 +38,7 @@ class ConfigError(ValueError):
 CHOICES: dict[str, tuple[str, ...]] = {
     "router.score_func": ("softmax", "sigmoid"),
     "router.group_by": ("experts", "ranks"),
+    "router.bias_update_rule": ("proportional", "sign"),
     "parallel.mode": ("ep", "fssdp"),
     "parallel.data_parallel": ("ddp", "fsdp"),
     "parallel.pipeline_degree": ("auto",) + tuple(str(n) for n in PIPELINE_DEGREES),
@@ -175,6 +176,7 @@ RULES: tuple[Rule, ...] = (
     one_of("router.group_by"),
     positive("router.route_scale", " (gates are multiplied by it; 1.0 leaves them as they are)"),
     non_negative("router.bias_update_rate", " (0 turns the bias update off)"),
+    one_of("router.bias_update_rule"),
     fraction("router.bias_update_stop_frac", "[0, 1]",
              " (the fraction of trainer.max_steps after which the bias stops)"),
     non_negative("router.aux_loss_coeff", " (0 turns it off)"),
