@@ -42,8 +42,10 @@ def test_ep_loss_curve_matches_single_process(tmp_path, cache_dir, reference, wo
     assert rows[-1]["moe/layer0/tokens_per_expert"] == ref_rows[-1]["moe/layer0/tokens_per_expert"]
     assert "moe/layer0/rank_load_max_over_mean" in rows[-1]
     degrees = [r["moe/layer0/pipeline_degree"] for r in rows if "moe/layer0/pipeline_degree" in r]
-    if degree == "auto":  # 2 local experts: candidates 1 and 2, two trial steps each, then the choice holds
-        assert degrees[:4] == [1, 1, 2, 2] and len(set(degrees[4:])) == 1
+    if degree == "auto":  # 2 local experts: candidates 1 and 2, two trial steps each, then a choice that holds
+        # until the load drifts (the balancing bias moves the load early in a run, which may start trials again;
+        # tests/test_pipeline_tuner.py checks the hold and the re-tuning rules themselves)
+        assert degrees[:4] == [1, 1, 2, 2] and set(degrees) <= {1, 2}
     else:
         assert set(degrees) == {1}
 
