@@ -54,3 +54,27 @@ def assert_ranks_match_reference(results, y_ref, dx_ref, grads, ids_key="expert_
         for r in results:
             summed[r[ids_key]] += r["grads"][name]
         torch.testing.assert_close(summed, grads[name], rtol=rtol, atol=atol)
+
+
+def check_layer_against_dense_reference(layer, T=48, seed=42):
+    """One local MoE layer on T random tokens against `dense_moe_reference` with its router's own decision (keep
+    mask included): outputs and input gradients (through the gates' graph) agree. Returns (y, record, routed) for
+    method-specific checks."""
+    x, dy = global_inputs(T, layer.dim, seed)
+    x = x.requires_grad_()
+    y, record = layer(x[None], return_record=True)
+    routed = layer.router(x.detach())
+    w = layer.experts
+    y_ref = dense_moe_reference(x, routed.topk_idx_TK, routed.gates_TK, w.w1_EDF, w.w3_EDF, w.w2_EFD,
+                                None if routed.keep_TK is None else routed.keep_TK.float())
+    torch.testing.assert_close(y[0], y_ref, rtol=1e-5, atol=1e-6)
+    assert record.num_dropped == 0
+    assert record.num_copies == (routed.topk_idx_TK.numel() if routed.keep_TK is None else int(routed.keep_TK.sum()))
+    (g_layer,) = torch.autograd.grad((y[0] * dy).sum(), x)
+    x2 = x.detach().clone().requires_grad_()
+    r2 = layer.router(x2)
+    y2 = dense_moe_reference(x2, r2.topk_idx_TK, r2.gates_TK, w.w1_EDF, w.w3_EDF, w.w2_EFD,
+                             None if r2.keep_TK is None else r2.keep_TK.float())
+    (g_ref,) = torch.autograd.grad((y2 * dy).sum(), x2)
+    torch.testing.assert_close(g_layer, g_ref, rtol=1e-5, atol=1e-6)
+    return y[0].detach(), record, routed

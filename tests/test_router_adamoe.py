@@ -18,7 +18,7 @@ from moetrain.moe.layer import MoELayer
 from moetrain.moe.routers import RouteContext
 from moetrain.moe.routers.adamoe import AdaMoEConfig, AdaMoERouter, null_pool_aux_loss
 from tests.distributed import run_distributed
-from tests.moe_reference import dense_moe_reference, global_inputs
+from tests.moe_reference import check_layer_against_dense_reference
 
 E, M, K = 3, 3, 3
 X = E + M
@@ -100,26 +100,11 @@ def test_layer_output_equals_the_dense_reference_with_the_keep_mask():
     cfg = compose_config(["router=adamoe", "model.num_experts=4", "router.top_k=3", "router.num_null_experts=4"])
     layer = MoELayer(8, 16, 4, 0, cfg.router, layer_id=0)
     layer.reset_parameters(0.5, 0.3, seed=0)
-    x, dy = global_inputs(48, 8)
-    x = x.requires_grad_()
-    y, record = layer(x[None], return_record=True)
-    routed = layer.router(x.detach())
+    y, record, routed = check_layer_against_dense_reference(layer)
     per_token = routed.keep_TK.sum(1)
     assert (per_token == 0).any() and (per_token == 1).any() and (per_token > 1).any()
-    w = layer.experts
-    y_ref = dense_moe_reference(x, routed.topk_idx_TK, routed.gates_TK, w.w1_EDF, w.w3_EDF, w.w2_EFD,
-                                routed.keep_TK.float())
-    torch.testing.assert_close(y[0], y_ref, rtol=1e-5, atol=1e-6)
-    assert torch.all(y[0][per_token == 0] == 0)
-    assert record.num_copies == int(routed.keep_TK.sum()) and record.num_dropped == 0
+    assert torch.all(y[per_token == 0] == 0)
     torch.testing.assert_close(record.tokens_per_expert_E, routed.tokens_per_expert_E)
-    # gradients agree too (the gates' graph through the router included)
-    (g_layer,) = torch.autograd.grad((y[0] * dy).sum(), x)
-    x2 = x.detach().clone().requires_grad_()
-    r2 = layer.router(x2)
-    y2 = dense_moe_reference(x2, r2.topk_idx_TK, r2.gates_TK, w.w1_EDF, w.w3_EDF, w.w2_EFD, r2.keep_TK.float())
-    (g_ref,) = torch.autograd.grad((y2 * dy).sum(), x2)
-    torch.testing.assert_close(g_layer, g_ref, rtol=1e-5, atol=1e-6)
 
 
 def test_load_balancing_loss_against_a_hand_computation():
