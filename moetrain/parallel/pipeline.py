@@ -174,42 +174,29 @@ class RegionTiming:
         return forward, elapsed_s(self.backward_start, self.backward_stop)
 
 
-class _MarkBackwardStart(torch.autograd.Function):
-    """Identity on the region's output; its backward runs when the gradient reaches that output."""
+class _MarkBackward(torch.autograd.Function):
+    """Identity that records, in `timing.<field>`, when its backward runs: on the region's output that is when the
+    gradient reaches it (backward_start); on the region's input, once the region's backward has produced that
+    input's gradient (backward_stop: autograd runs a node only after all its consumers' gradients are in). A graph
+    backpropagated twice (retain_graph) keeps the first time."""
 
     @staticmethod
-    def forward(ctx, x, timing):
-        ctx.timing = timing
+    def forward(ctx, x, timing, field):
+        ctx.timing, ctx.field = timing, field
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        if ctx.timing.backward_start is None:  # a graph backpropagated twice (retain_graph) keeps the first
-            ctx.timing.backward_start = clock_stop(ctx.timing.start)
-        return grad, None
-
-
-class _MarkBackwardStop(torch.autograd.Function):
-    """Identity on the region's input; its backward runs once the region's backward has produced that input's
-    gradient (autograd runs a node only after the gradients of all its consumers are accumulated)."""
-
-    @staticmethod
-    def forward(ctx, x, timing):
-        ctx.timing = timing
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        if ctx.timing.backward_stop is None:
-            ctx.timing.backward_stop = clock_stop(ctx.timing.start)
-        return grad, None
+        if getattr(ctx.timing, ctx.field) is None:
+            setattr(ctx.timing, ctx.field, clock_stop(ctx.timing.start))
+        return grad, None, None
 
 
 def mark_region_input(x: torch.Tensor, timing: Optional[RegionTiming]) -> torch.Tensor:
     """x unchanged; when timed and x takes part in autograd, the end of the region's backward gets recorded."""
     if timing is None or not x.requires_grad:
         return x
-    return _MarkBackwardStop.apply(x, timing)
+    return _MarkBackward.apply(x, timing, "backward_stop")
 
 
 def mark_region_output(y: torch.Tensor, timing: Optional[RegionTiming]) -> torch.Tensor:
@@ -218,4 +205,4 @@ def mark_region_output(y: torch.Tensor, timing: Optional[RegionTiming]) -> torch
     if timing is None:
         return y
     timing.forward_stop = clock_stop(timing.start)
-    return _MarkBackwardStart.apply(y, timing) if y.requires_grad else y
+    return _MarkBackward.apply(y, timing, "backward_start") if y.requires_grad else y
