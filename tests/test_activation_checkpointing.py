@@ -17,7 +17,7 @@ from moetrain.cli import train_main
 from moetrain.config.compose import compose_config
 from moetrain.model.transformer import ACTIVATION_CHECKPOINTING, TransformerLM
 from tests.distributed import run_distributed
-from tests.train_utils import losses, overrides, read_metrics
+from tests.train_utils import SavedTensorBytes, losses, overrides, read_metrics
 
 MODES = ACTIVATION_CHECKPOINTING  # none, full, selective
 
@@ -127,19 +127,10 @@ def test_no_grad_forward_checkpoints_nothing():
 def saved_bytes(model, inputs_BS, targets_BS) -> int:
     """Bytes of the distinct storages autograd saves for backward during one forward and loss (parameters
     excluded), the checkpoints' kept inputs included."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedTensorBytes(model.parameters()) as saved:
         logits, records = model(inputs_BS, return_records=True)
         Fn.cross_entropy(logits.flatten(0, 1), targets_BS.flatten()) + sum(r.loss for r in records)
-    return sum(saved.values())
+    return saved.total
 
 
 def test_saved_bytes_are_ordered_full_selective_none(capsys):

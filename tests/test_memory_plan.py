@@ -21,7 +21,7 @@ from moetrain.config.validate import ConfigError
 from moetrain.train import memory_plan
 from moetrain.train.memory_plan import plan_memory
 from tests.distributed import run_distributed
-from tests.train_utils import overrides
+from tests.train_utils import SavedTensorBytes, overrides
 
 TOLERANCE = 0.10
 
@@ -146,22 +146,13 @@ def _saved_activation_bytes(cfg, bf16: bool = False) -> int:
 
     model = TransformerLM(cfg.model, cfg.router, activation_checkpointing=cfg.trainer.activation_checkpointing)
     model.init_weights(0)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
     tokens = torch.randint(0, cfg.model.vocab_size, (cfg.data.micro_batch_size, cfg.data.seq_len))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+    with SavedTensorBytes(model.parameters()) as saved, \
             torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         logits = model(tokens)
         F.cross_entropy(logits.flatten(0, 1), tokens.flatten())
-    saved[logits.untyped_storage().data_ptr()] = logits.untyped_storage().nbytes()
-    return sum(saved.values())
+    saved.add(logits)
+    return saved.total
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

@@ -23,3 +23,35 @@ def read_metrics(run_dir) -> list[dict]:
 
 def losses(run_dir) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in read_metrics(run_dir) if "loss" in row}
+
+
+class SavedTensorBytes:
+    """Context manager summing the bytes of the distinct storages autograd saves for backward inside it, the
+    storages of `exclude` (e.g. the model's parameters) left out: `with SavedTensorBytes(params) as saved: ...`,
+    then `saved.total`; `saved.add(t)` counts a tensor held outside autograd too (e.g. the logits)."""
+
+    def __init__(self, exclude=()):
+        import torch
+
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._exclude = {t.untyped_storage().data_ptr() for t in exclude}
+        self._storages: dict[int, int] = {}
+
+    def _pack(self, t):
+        if t.untyped_storage().data_ptr() not in self._exclude:
+            self.add(t)
+        return t
+
+    def add(self, t) -> None:
+        self._storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+
+    @property
+    def total(self) -> int:
+        return sum(self._storages.values())
+
+    def __enter__(self):
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._hooks.__exit__(*exc)
