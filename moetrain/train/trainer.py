@@ -134,6 +134,15 @@ class Trainer:
         if path is None:
             return None
         state = ckpt.read_trainer_state(path)
+        if state.get("weights_only"):  # written by a converter (moetrain/interop/run_dir.py): no optimizer state
+            extra = {"step": torch.zeros(1, dtype=torch.int64)}
+            ckpt.load_checkpoint(path, self.model, extra=extra, verify=resume != "auto")
+            self.step = int(extra["step"].item())
+            self._say(f"starting from the weights of {path} at step {self.step} with a fresh optimizer "
+                      "(the checkpoint holds no optimizer state)")
+            self.scheduler.last_epoch = self.step  # the schedule continues from the checkpoint's step
+            set_hyperparameters(self.optimizer, self.scheduler, self.cfg.optim)
+            return path
         rederived = []
         for m in self.balance.layers:  # owners first: the expert rows below load by the ids they define
             rederived += m.load_trainer_state(state.get("layers", {}).get(str(m.layer_id), {}))
