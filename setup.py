@@ -20,6 +20,7 @@ setup(
         "einops>=0.8",
         "numpy>=1.24",
         "matplotlib>=3.7",
+        "tqdm>=4.60",  # the training progress bar on a terminal (trainer.progress)
     ],
     extras_require={
         "wandb": ["wandb>=0.17"],

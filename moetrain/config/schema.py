@@ -121,6 +121,8 @@ class LoggerConfig:
     wandb_project: str = "moetrain"
     wandb_mode: str = "offline"  # offline | online | disabled
     wandb_run_name: Optional[str] = None
+    heatmap_every: int = 100  # wandb: one layer x expert load heatmap per this many steps, at the first logged step
+                              # of each window (titled with its step); 0: none
 
 
 @dataclass
@@ -140,7 +142,8 @@ class TrainerConfig:
     dry_run_world_size: int = 0  # the world size the dry run plans memory for (0: the launched processes)
     activation_checkpointing: str = "none"  # none | full (recompute whole blocks in backward) | selective (recompute
                                             # attention, dense FFNs and the experts; never the all-to-all)
-    progress: bool = True
+    progress: bool = True  # a progress bar with ETA when stdout is a terminal (rank 0); elsewhere (CI, SLURM
+                           # logs) only the console logger's plain lines, which carry the ETA too
 
 
 @dataclass

@@ -220,6 +220,7 @@ RULES: tuple[Rule, ...] = (
     one_of("logger.wandb_mode"),
     non_empty("logger.wandb_run_name", "must be a non-empty run name, or null to let wandb pick one",
               optional=True),
+    at_least("logger.heatmap_every", 0, " (steps between two load heatmaps; 0: none)"),
     # trainer (device=cuda, run_dir, resume: see _backend_device, _run_dir, _resume)
     at_least("trainer.max_steps", 1),
     at_least("trainer.dry_run_world_size", 0, " (0 plans for the launched processes)"),

@@ -17,9 +17,11 @@ Weights & Biases (`WandbLogger`):
 - Per-expert load lists (`moe/layer{L}/tokens_per_expert`, `..._window`) are logged as `wandb.Histogram` whose bins
   are the expert ids and whose heights are the loads, so the histogram panel shows load per expert over steps.
   Other numeric lists are logged as the histogram of their values.
-- The layer x expert load heatmap is a `wandb.Image` of a matplotlib heatmap (`moe/load_heatmap`), rendered every
-  `heatmap_every` log calls that carry per-layer loads. An image renders in the default media panel with no custom
-  chart setup, unlike a `wandb.Table`, which needs a custom Vega heatmap panel.
+- The layer x expert load heatmap is a `wandb.Image` of a matplotlib heatmap (`moe/load_heatmap`), titled with its
+  step: one per `heatmap_every` steps (`logger.heatmap_every`), at the first logged step with per-layer loads in each
+  window `[k * heatmap_every, (k + 1) * heatmap_every)`, so log_every need not divide it. An image renders in the
+  default media panel with no custom chart setup, unlike a `wandb.Table`, which needs a custom Vega heatmap panel.
+  `moetrain-dashboard` (moetrain/telemetry/dashboard.py) lays these keys out as a workspace.
 """
 
 from __future__ import annotations
@@ -84,7 +86,9 @@ def _duration(seconds: float) -> str:
 class ConsoleLogger:
     """One compact line per call: step, loss, lr, tokens/s and a few scalars; lists are skipped.
 
-    The "maxvio" field is the largest batch MaxVio over the MoE layers (`moe/layer*/max_vio`).
+    The "maxvio" field is the largest batch MaxVio over the MoE layers (`moe/layer*/max_vio`). Lines go through
+    `tqdm.write`, which prints them above a progress bar drawn on the same terminal (moetrain/telemetry/progress.py)
+    and is a plain write otherwise; each line is flushed, so log files see it at once.
     """
 
     FIELDS = (
@@ -115,7 +119,11 @@ class ConsoleLogger:
         return " | ".join(parts)
 
     def log(self, step: int, metrics: Metrics) -> None:
-        print(self.format(step, metrics), file=self.stream or sys.stdout, flush=True)
+        from tqdm import tqdm
+
+        stream = self.stream or sys.stdout
+        tqdm.write(self.format(step, metrics), file=stream)
+        stream.flush()
 
     def close(self) -> None:
         pass
@@ -228,7 +236,7 @@ class WandbLogger:
         mode: str = "offline",
         run_name: Optional[str] = None,
         config: Optional[dict] = None,
-        heatmap_every: int = 10,
+        heatmap_every: int = 100,
     ):
         if mode not in WANDB_MODES:
             raise ValueError(f"logger.wandb_mode must be one of {WANDB_MODES}, got {mode!r}")
@@ -242,7 +250,7 @@ class WandbLogger:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.heatmap_every, self.mode = heatmap_every, mode
-        self._heatmap_calls = 0
+        self._heatmap_window: Optional[int] = None  # step // heatmap_every of the last heatmap
         self._run = wandb.init(
             project=project, dir=str(self.run_dir), mode=mode, name=run_name, config=dict(config or {})
         )
@@ -274,13 +282,14 @@ class WandbLogger:
             elif value is not None:
                 payload[key] = value
         if loads and self.heatmap_every:
-            if self._heatmap_calls % self.heatmap_every == 0:
-                payload[self.HEATMAP_KEY] = self._heatmap_image(loads)
-            self._heatmap_calls += 1
+            window = int(step) // self.heatmap_every
+            if self._heatmap_window is None or window > self._heatmap_window:
+                payload[self.HEATMAP_KEY] = self._heatmap_image(loads, int(step))
+                self._heatmap_window = window
         payload["step"] = int(step)
         self._run.log(payload)
 
-    def _heatmap_image(self, loads: dict[int, list]):
+    def _heatmap_image(self, loads: dict[int, list], step: int):
         import numpy as np
 
         from moetrain.telemetry.report import load_heatmap_figure
@@ -290,10 +299,11 @@ class WandbLogger:
         loads_LE = np.full((len(layers), E), np.nan)
         for r, layer in enumerate(layers):
             loads_LE[r, : len(loads[layer])] = loads[layer]
-        fig = load_heatmap_figure(layers, loads_LE)
+        title = f"expert load / mean load, step {step}"
+        fig = load_heatmap_figure(layers, loads_LE, title=title)
         fig.canvas.draw()
         rgb_HW3 = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-        return self._wandb.Image(rgb_HW3, caption="expert load / mean load per MoE layer")
+        return self._wandb.Image(rgb_HW3, caption=title)
 
     def close(self) -> None:
         if self._run is not None:
@@ -365,6 +375,7 @@ def build_loggers(logger_cfg: Any, run_dir: Path, rank: int, config_dict: Option
                     mode=logger_cfg.wandb_mode,
                     run_name=logger_cfg.wandb_run_name,
                     config=config_dict,
+                    heatmap_every=logger_cfg.heatmap_every,
                 )
             )
     except BaseException:

@@ -48,6 +48,7 @@ from moetrain.parallel.grad_sync import clip_grad_norm_, sync_gradients
 from moetrain.parallel.mesh import ParallelContext
 from moetrain.parallel.moe_layer import moe_layer_factory
 from moetrain.telemetry.loggers import build_loggers
+from moetrain.telemetry.progress import Progress
 from moetrain.telemetry.routing_stats import RoutingWindow, layer_metrics
 from moetrain.train import checkpoint as ckpt
 from moetrain.train.optim import build_optimizer, build_scheduler, set_hyperparameters
@@ -89,6 +90,7 @@ class Trainer:
         self.window = RoutingWindow()
         self.autocast = precision_context(cfg, ctx.device)  # parallel.mixed_precision (moetrain/train/precision.py)
         self.loggers = None  # built in run(), once the step training starts from is known
+        self.progress: Optional[Progress] = None  # the terminal's progress bar (trainer.progress), built in run()
         self.step = 0
         self.bad_streak, self.skipped_steps = 0, 0  # non-finite steps: in a row now, and in the whole run
         self._preempt_requested = False  # set by the SIGTERM handler; agreed on by all ranks each step
@@ -323,6 +325,8 @@ class Trainer:
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
+            if self.progress is not None:
+                self.progress.close()
             if self.loggers is not None:
                 self.loggers.close()
 
@@ -342,6 +346,7 @@ class Trainer:
             print(f"resumed from {resumed} at step {self.step}", flush=True)
         self.loggers = build_loggers(self.cfg.logger, self.run_dir, ctx.rank,
                                      OmegaConf.to_container(OmegaConf.structured(self.cfg)), start_step=self.step)
+        self.progress = Progress(tc.max_steps, self.step, enabled=tc.progress and ctx.is_main)
         tokens_per_step = self.cfg.data.global_batch_size * self.cfg.data.seq_len
         last: dict[str, float] = {}
         if self.step == 0 and tc.eval_every and tc.eval_batches:
@@ -367,6 +372,7 @@ class Trainer:
                 self.loggers.log(self.step, metrics)
                 window_start, window_steps, window_eval_s = now, 0, 0.0
             last = metrics
+            self.progress.update(self.step, metrics)
             self._stop_if_diverged()
             if self.preempted:
                 saved = self.save()
