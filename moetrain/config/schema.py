@@ -33,6 +33,30 @@ class ModelConfig:
     moe_every: int = 1  # after those, every n-th layer is MoE (the others dense)
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # attention (moetrain/model/attention.py, moetrain/model/mla.py; docs/architecture.md)
+    head_dim: int = 0  # per-head dim of q/k/v; 0: dim // n_heads (Qwen3 sets it explicitly)
+    attention: str = "gqa"  # gqa | mla (Multi-head Latent Attention, DeepSeek-V2/V3)
+    qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2-MoE)
+    qk_norm: str = "none"  # none | head (RMSNorm over each head's Dh, Qwen3-MoE) |
+                           # full (RMSNorm over the whole q and the whole k projection, OLMoE)
+    clip_qkv: Optional[float] = None  # clamp the q, k, v projections to [-c, c] (OLMoE)
+    q_lora_rank: int = 0  # mla: rank of the query compression; 0: queries projected directly
+    kv_lora_rank: int = 0  # mla: rank of the joint key/value compression
+    qk_nope_head_dim: int = 0  # mla: per-head query/key dims without rope
+    qk_rope_head_dim: int = 0  # mla: per-head query/key dims with rope (one shared rope key per token)
+    v_head_dim: int = 0  # mla: per-head value dim
+    # rope scaling (moetrain/model/rope.py)
+    rope_scaling: str = "none"  # none | yarn
+    rope_factor: float = 1.0  # yarn: context extension factor
+    rope_original_max_seq_len: int = 0  # yarn: the context length the model was trained at (HF's
+                                        # original_max_position_embeddings)
+    rope_beta_fast: float = 32.0  # yarn: rotations below which a frequency is interpolated fully ...
+    rope_beta_slow: float = 1.0  # ... and above which it is kept (extrapolated)
+    rope_mscale: float = 1.0  # yarn: DeepSeek's mscale
+    rope_mscale_all_dim: float = 0.0  # yarn: DeepSeek's mscale_all_dim (mla: also scales the softmax)
+    # shared experts (moetrain/moe/layer.py)
+    shared_expert_hidden: int = 0  # total hidden size of the fused shared experts; 0: num_shared_experts * moe_hidden
+    shared_expert_gate: bool = False  # Qwen2-MoE: shared output scaled by sigmoid(x @ w_g), w_g of shape (1, D)
 
 
 @dataclass
@@ -47,6 +71,8 @@ class RouterConfig:
     route_scale: float = 1.0  # gates are multiplied by this after (optional) renormalisation
     num_groups: int = 1  # group-limited routing: experts split in this many groups ...
     topk_groups: int = 1  # ... and a token may only use experts of this many groups
+    group_score_topk: int = 0  # a group's score is the sum of its top-m biased scores; 0: m = max(1, top_k //
+                               # topk_groups); DeepSeek-V3 uses m = 2
     group_by: str = "experts"  # experts: groups are equal expert-id ranges | ranks: num_groups blocks of the ranks
                                # computing the experts now (node-limited routing; docs/routers/deepseek_moe.md)
     bias_update_rate: float = 5e-2  # aux-loss-free balancing: the bias step u (see the rule); 0 turns it off
@@ -105,6 +131,7 @@ class DataConfig:
     name: str = "stdlib"  # stdlib (embedded default corpus) | shards (prepared by moetrain-prepare)
     path: Optional[str] = None  # shard directory for name=shards
     cache_dir: Optional[str] = None  # where the embedded corpus is cached; default ~/.cache/moetrain
+    tokenizer: str = "bytes"  # bytes | PATH to a tokenizer.json or a Hugging Face tokenizer directory (hf extra)
     seq_len: int = 128
     global_batch_size: int = 16  # sequences per optimizer step, over all data-parallel ranks
     micro_batch_size: int = 8  # sequences per forward on one rank

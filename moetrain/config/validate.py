@@ -36,6 +36,9 @@ class ConfigError(ValueError):
 
 # The allowed values of every string key with a fixed set of values (one place; docs/configuration.md lists them).
 CHOICES: dict[str, tuple[str, ...]] = {
+    "model.attention": ("gqa", "mla"),
+    "model.qk_norm": ("none", "head", "full"),
+    "model.rope_scaling": ("none", "yarn"),
     "router.score_func": ("softmax", "sigmoid"),
     "router.group_by": ("experts", "ranks"),
     "router.bias_update_rule": ("proportional", "sign"),
@@ -153,7 +156,7 @@ def non_empty(key: str, text: str, optional: bool = False) -> Rule:
 RULES: tuple[Rule, ...] = (
     # model
     non_empty("model.name", "must be a non-empty name"),
-    at_least("model.vocab_size", 256, ", the byte tokenizer's vocabulary; set model.vocab_size=256 or more"),
+    at_least("model.vocab_size", 1),  # and at least the tokenizer's vocabulary: see _tokenizer_vocab
     at_least("model.dim", 1),
     at_least("model.n_layers", 1),
     at_least("model.n_heads", 1),
@@ -169,10 +172,30 @@ RULES: tuple[Rule, ...] = (
     at_least("model.first_k_dense", 0, " (model.n_layers or more makes every layer dense)"),
     at_least("model.moe_every", 1),
     positive("model.init_std", " (the std of the initial weights; 0.02 is usual)"),
+    at_least("model.head_dim", 0, " (0: model.dim / model.n_heads)"),
+    one_of("model.attention"),
+    one_of("model.qk_norm"),
+    Rule("model.clip_qkv", lambda v: v is None or (math.isfinite(v) and v > 0),
+         "must be > 0 and finite (or null for no clipping)"),
+    at_least("model.q_lora_rank", 0, " (0: queries projected directly)"),
+    at_least("model.kv_lora_rank", 0),
+    at_least("model.qk_nope_head_dim", 0),
+    at_least("model.qk_rope_head_dim", 0),
+    at_least("model.v_head_dim", 0),
+    one_of("model.rope_scaling"),
+    Rule("model.rope_factor", lambda v: math.isfinite(v) and v >= 1,
+         "must be >= 1 and finite (yarn's context extension factor)"),
+    at_least("model.rope_original_max_seq_len", 0),
+    positive("model.rope_beta_fast", " (yarn; 32 is usual)"),
+    positive("model.rope_beta_slow", " (yarn; 1 is usual)"),
+    non_negative("model.rope_mscale", " (yarn; 1.0 is usual)"),
+    non_negative("model.rope_mscale_all_dim", " (yarn; 0 turns it off)"),
+    at_least("model.shared_expert_hidden", 0, " (0: model.num_shared_experts * model.moe_hidden)"),
     # router (top_k against model.num_experts: see _router_shape)
     one_of("router.score_func"),
     at_least("router.num_groups", 1, " (1 = no group-limited routing)"),
     at_least("router.topk_groups", 1),
+    at_least("router.group_score_topk", 0, " (0: max(1, router.top_k / router.topk_groups))"),
     one_of("router.group_by"),
     positive("router.route_scale", " (gates are multiplied by it; 1.0 leaves them as they are)"),
     non_negative("router.bias_update_rate", " (0 turns the bias update off)"),
@@ -208,8 +231,10 @@ RULES: tuple[Rule, ...] = (
     positive("optim.eps", " (Adam's epsilon; 1e-8 is usual)"),
     non_negative("optim.grad_clip", " (0 disables clipping)"),
     one_of("optim.impl"),
-    # data (path, cache_dir: see _data_paths)
+    # data (path, cache_dir: see _data_paths; the tokenizer's vocabulary: _tokenizer_vocab)
     one_of("data.name"),
+    Rule("data.tokenizer", lambda v: v == "bytes" or _exists(Path(v).expanduser()),
+         "is neither bytes nor an existing tokenizer.json file or Hugging Face tokenizer directory; give one of them"),
     at_least("data.seq_len", 1),
     at_least("data.global_batch_size", 1),
     at_least("data.micro_batch_size", 1),
@@ -278,6 +303,13 @@ def _writable_dir(path: Path) -> bool:
     return True
 
 
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError, RuntimeError):
+        return False
+
+
 def _is_file(path: Path) -> bool:
     try:
         return path.is_file()
@@ -285,15 +317,75 @@ def _is_file(path: Path) -> bool:
         return False
 
 
+MLA_KEYS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+
+
 def _model_shape(cfg: TrainConfig, world_size: int) -> Iterator[str]:
     m = cfg.model
-    if m.dim % m.n_heads:
-        yield f"model.dim={m.dim} must be a positive multiple of model.n_heads={m.n_heads}"
+    if m.attention == "mla":
+        yield from _mla_shape(cfg)
+        return
+    for key in MLA_KEYS:
+        if getattr(m, key):
+            yield (f"model.{key}={getattr(m, key)} is only read with model.attention=mla; set model.attention=mla "
+                   f"or model.{key}=0")
+    if m.head_dim:
+        if m.head_dim % 2:
+            yield f"model.head_dim={m.head_dim} must be even for RoPE"
+    elif m.dim % m.n_heads:
+        yield (f"model.dim={m.dim} must be a positive multiple of model.n_heads={m.n_heads} (or set "
+               f"model.head_dim)")
     elif (m.dim // m.n_heads) % 2:
         yield f"head dim model.dim/model.n_heads={m.dim}/{m.n_heads} must be even for RoPE"
     if m.n_heads % m.n_kv_heads:
         yield (f"model.n_heads={m.n_heads} must be divisible by model.n_kv_heads={m.n_kv_heads} "
                f"(grouped-query attention)")
+
+
+def _mla_shape(cfg: TrainConfig) -> Iterator[str]:
+    """Multi-head Latent Attention: a key/value latent, per-head rope and non-rope query/key dims, a value dim;
+    the options of grouped-query attention do not apply."""
+    m = cfg.model
+    for key in ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim"):
+        if getattr(m, key) < 1:
+            yield (f"model.attention=mla needs model.{key} >= 1 (DeepSeek-V3: kv_lora_rank 512, qk_rope_head_dim 64, "
+                   f"v_head_dim 128); set model.{key}")
+    if m.qk_rope_head_dim % 2:
+        yield f"model.qk_rope_head_dim={m.qk_rope_head_dim} must be even for RoPE"
+    for key, default in (("head_dim", 0), ("qkv_bias", False), ("qk_norm", "none"), ("clip_qkv", None)):
+        if getattr(m, key) != default:
+            yield (f"model.{key}={show(getattr(m, key))} is an option of model.attention=gqa; drop it with "
+                   f"model.attention=mla")
+
+
+def _rope_scaling(cfg: TrainConfig, world_size: int) -> Iterator[str]:
+    """yarn needs a factor > 1 and the original context length; its keys are refused without it."""
+    m = cfg.model
+    if m.rope_scaling == "yarn":
+        if m.rope_factor <= 1:
+            yield (f"model.rope_scaling=yarn needs model.rope_factor > 1 (the context extension factor), got "
+                   f"{m.rope_factor}")
+        if m.rope_original_max_seq_len < 1:
+            yield ("model.rope_scaling=yarn needs model.rope_original_max_seq_len (the context length the model was "
+                   "trained at, e.g. 4096)")
+        return
+    defaults = {"rope_factor": 1.0, "rope_original_max_seq_len": 0, "rope_beta_fast": 32.0, "rope_beta_slow": 1.0,
+                "rope_mscale": 1.0, "rope_mscale_all_dim": 0.0}
+    for key, default in defaults.items():
+        if getattr(m, key) != default:
+            yield (f"model.{key}={getattr(m, key)} is only read with model.rope_scaling=yarn; set "
+                   f"model.rope_scaling=yarn or drop it")
+
+
+def _shared_experts(cfg: TrainConfig, world_size: int) -> Iterator[str]:
+    m = cfg.model
+    if m.num_shared_experts > 0 and m.num_experts > 0:
+        return
+    for key, value, default in (("shared_expert_hidden", m.shared_expert_hidden, 0),
+                                ("shared_expert_gate", m.shared_expert_gate, False)):
+        if value != default:
+            yield (f"model.{key}={show(value)} needs shared experts (model.num_shared_experts >= 1 in an MoE "
+                   f"model); set model.num_shared_experts or drop model.{key}")
 
 
 def _router_method(cfg: TrainConfig, world_size: int) -> Iterator[str]:
@@ -336,6 +428,12 @@ def _router_shape(cfg: TrainConfig, world_size: int) -> Iterator[str]:
     elif r.num_groups > 1 and r.top_k > r.topk_groups * (m.num_experts // r.num_groups):
         yield (f"router.top_k={r.top_k} exceeds the experts in router.topk_groups={r.topk_groups} groups of "
                f"{m.num_experts // r.num_groups}; raise router.topk_groups")
+    elif r.group_score_topk and r.num_groups == 1:
+        yield (f"router.group_score_topk={r.group_score_topk} is only read with group-limited routing "
+               f"(router.num_groups > 1); drop it")
+    elif r.group_score_topk > m.num_experts // r.num_groups:
+        yield (f"router.group_score_topk={r.group_score_topk} exceeds the {m.num_experts // r.num_groups} experts "
+               f"of a group; lower it")
 
 
 def _router_nodes(cfg: TrainConfig, world_size: int) -> Iterator[str]:
@@ -436,7 +534,9 @@ def _data_paths(cfg: TrainConfig, world_size: int) -> Iterator[str]:
             yield (f"data.path={show(d.path)} is not a shard directory (no meta.json); create it with "
                    f"`moetrain-prepare INPUT --out {show(d.path)}`")
         else:
-            yield from _shard_problems(Path(d.path))
+            tokenizer = _tokenizer(d.tokenizer)
+            if tokenizer is not None:  # else _tokenizer_vocab says why it cannot be loaded
+                yield from _shard_problems(Path(d.path), tokenizer)
         return
     if d.path is not None:
         yield f"data.path={show(d.path)} is only read with data.name=shards; add data=shards or drop data.path"
@@ -445,15 +545,43 @@ def _data_paths(cfg: TrainConfig, world_size: int) -> Iterator[str]:
                f"choose another data.cache_dir")
 
 
-def _shard_problems(path: Path) -> Iterator[str]:
-    """What load_shards would refuse (malformed meta.json, missing or truncated .bin files), found before launch."""
+def _shard_problems(path: Path, tokenizer) -> Iterator[str]:
+    """What load_shards would refuse (malformed meta.json, missing or truncated .bin files, shards made with another
+    tokenizer), found before launch."""
     from moetrain.data import DataError
     from moetrain.data.shards import load_shards
 
     try:
-        load_shards(path)
+        load_shards(path, tokenizer)
     except DataError as e:
         yield f"data.path={show(path)}: {e}"
+
+
+def _tokenizer(spec: str):
+    """The tokenizer data.tokenizer names, or None when it cannot be loaded."""
+    from moetrain.data import DataError
+    from moetrain.data.tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(spec)
+    except DataError:
+        return None
+
+
+def _tokenizer_vocab(cfg: TrainConfig, world_size: int) -> Iterator[str]:
+    """The tokenizer loads and its ids fit the model's embedding (model.vocab_size may be larger: padded)."""
+    from moetrain.data import DataError
+    from moetrain.data.tokenizer import load_tokenizer
+
+    spec, vocab = cfg.data.tokenizer, cfg.model.vocab_size
+    try:
+        tokenizer = load_tokenizer(spec)
+    except DataError as e:
+        yield str(e)
+        return
+    if tokenizer.vocab_size > vocab:
+        yield (f"model.vocab_size={vocab} is smaller than the vocabulary of data.tokenizer={show(spec)} "
+               f"({tokenizer.vocab_size} ids); set model.vocab_size={tokenizer.vocab_size} or more")
 
 
 def _logger_packages(cfg: TrainConfig, world_size: int) -> Iterator[str]:
@@ -481,9 +609,14 @@ def _resume(cfg: TrainConfig, world_size: int) -> Iterator[str]:
 # Each cross check with the keys it reads: it runs only when all of them passed their own checks, so one bad value
 # gives one message.
 CROSS_CHECKS: tuple[tuple[Callable[[TrainConfig, int], Iterator[str]], tuple[str, ...]], ...] = (
-    (_model_shape, ("model.dim", "model.n_heads", "model.n_kv_heads")),
+    (_model_shape, ("model.dim", "model.n_heads", "model.n_kv_heads", "model.head_dim", "model.attention",
+                    "model.qk_norm", "model.clip_qkv") + tuple(f"model.{k}" for k in MLA_KEYS)),
+    (_rope_scaling, ("model.rope_scaling", "model.rope_factor", "model.rope_original_max_seq_len",
+                     "model.rope_beta_fast", "model.rope_beta_slow", "model.rope_mscale", "model.rope_mscale_all_dim")),
+    (_shared_experts, ("model.num_experts", "model.num_shared_experts", "model.shared_expert_hidden")),
     (_router_method, ("router.method",)),
-    (_router_shape, ("model.num_experts", "router.method", "router.top_k", "router.num_groups", "router.topk_groups")),
+    (_router_shape, ("model.num_experts", "router.method", "router.top_k", "router.num_groups", "router.topk_groups",
+                     "router.group_score_topk")),
     (_router_nodes, ("router.group_by", "router.num_groups", "parallel.mode", "parallel.ep", "model.num_experts")),
     (_router_capacity, ("router.capacity_factor", "router.pad_to_capacity")),
     (_fssdp_layout, ("model.num_experts", "parallel.mode", "parallel.ep", "parallel.data_parallel")),
@@ -492,7 +625,8 @@ CROSS_CHECKS: tuple[tuple[Callable[[TrainConfig, int], Iterator[str]], tuple[str
     (_backend_device, ("parallel.backend", "trainer.device")),
     (_data_sizes, ("model.max_seq_len", "data.name", "data.seq_len", "data.global_batch_size",
                    "data.micro_batch_size", "data.val_fraction", "data.max_corpus_bytes")),
-    (_data_paths, ("data.name", "data.path", "data.cache_dir")),
+    (_data_paths, ("data.name", "data.path", "data.cache_dir", "data.tokenizer")),
+    (_tokenizer_vocab, ("data.tokenizer", "model.vocab_size")),
     (_logger_packages, ("logger.wandb", "logger.wandb_mode", "logger.tensorboard")),
     (_run_dir, ("trainer.run_dir",)),
     (_resume, ("trainer.resume",)),

@@ -2,6 +2,8 @@
 
 Files are taken in sorted relative-path order (deterministic), joined with NUL separators, truncated to max_bytes and
 prepared once into shards under <cache_dir or ~/.cache/moetrain>/stdlib-py<X.Y>-<max_bytes>-<val_fraction>/.
+With a Hugging Face tokenizer (data.tokenizer) the same text is tokenized once, cached in a directory whose name
+ends with the tokenizer's identity (`...-hf-<sha256 prefix>-<vocab>`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Iterator, Optional
 
 from moetrain.data import DataError
 from moetrain.data.shards import is_shard_dir, write_shards
+from moetrain.data.tokenizer import Tokenizer
 
 SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__", "turtledemo",
              "ensurepip", "venv", "tkinter", "pydoc_data"}
@@ -32,9 +35,12 @@ def _docs(files: list[Path]) -> Iterator[bytes]:
             continue
 
 
-def stdlib_shards(cache_dir: Optional[str], max_bytes: int, val_fraction: float) -> Path:
+def stdlib_shards(cache_dir: Optional[str], max_bytes: int, val_fraction: float,
+                  tokenizer: Optional[Tokenizer] = None) -> Path:
     base = Path(cache_dir).expanduser() if cache_dir else Path.home() / ".cache" / "moetrain"
     out = base / f"stdlib-py{sys.version_info.major}.{sys.version_info.minor}-{max_bytes}-{val_fraction}"
+    if tokenizer is not None and tokenizer.identity != "bytes":
+        out = out.with_name(out.name + "-" + tokenizer.identity.replace(":", "-"))
     if is_shard_dir(out):
         return out
     try:
@@ -44,4 +50,4 @@ def stdlib_shards(cache_dir: Optional[str], max_bytes: int, val_fraction: float)
     files = stdlib_files()
     if not files:
         raise DataError("no standard-library sources found on this Python; use data=shards data.path=DIR")
-    return write_shards(_docs(files), out, val_fraction, max_bytes=max_bytes)
+    return write_shards(_docs(files), out, val_fraction, max_bytes=max_bytes, tokenizer=tokenizer)

@@ -74,15 +74,17 @@ class TokenLoader:
 def build_loader(data_cfg, seed: int, dp_rank: int, dp_size: int) -> TokenLoader:
     from moetrain.data.corpus import stdlib_shards
     from moetrain.data.shards import load_shards
+    from moetrain.data.tokenizer import load_tokenizer
 
+    tokenizer = load_tokenizer(data_cfg.tokenizer)
     if data_cfg.name == "stdlib":
-        path = stdlib_shards(data_cfg.cache_dir, data_cfg.max_corpus_bytes, data_cfg.val_fraction)
+        path = stdlib_shards(data_cfg.cache_dir, data_cfg.max_corpus_bytes, data_cfg.val_fraction, tokenizer)
     elif data_cfg.name == "shards":
         if not data_cfg.path:
             raise DataError("data.name=shards needs data.path=DIR; create DIR with `moetrain-prepare INPUT --out DIR`")
         path = data_cfg.path
     else:
         raise DataError(f"data.name={data_cfg.name!r} is unknown; use stdlib or shards")
-    train, val, _ = load_shards(path)
+    train, val, _ = load_shards(path, tokenizer)
     return TokenLoader(train, val, data_cfg.seq_len, data_cfg.global_batch_size, data_cfg.micro_batch_size,
                        dp_rank, dp_size, seed)

@@ -1,7 +1,8 @@
-"""moetrain-prepare INPUT [INPUT ...] --out DIR [--val-fraction F] [--extensions .txt,.md]
+"""moetrain-prepare INPUT [INPUT ...] --out DIR [--val-fraction F] [--extensions .txt,.md] [--tokenizer SPEC]
 
 Turns text files or folders (walked recursively, sorted) into token shards for `data=shards data.path=DIR`.
-Without --extensions every file that decodes as UTF-8 is used.
+Without --extensions every file that decodes as UTF-8 is used. --tokenizer is `bytes` (the default) or a
+tokenizer.json / Hugging Face tokenizer directory; train on the shards with the same `data.tokenizer=SPEC`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Iterator, Optional, Sequence
 
 from moetrain.data import DataError
 from moetrain.data.shards import is_shard_dir, load_shards, write_shards
+from moetrain.data.tokenizer import load_tokenizer
 
 
 def collect_files(inputs: Sequence[str], extensions: Optional[list[str]]) -> list[Path]:
@@ -43,6 +45,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", required=True, help="output shard directory")
     parser.add_argument("--val-fraction", type=float, default=0.05)
     parser.add_argument("--extensions", default=None, help="comma-separated suffixes, e.g. .txt,.md")
+    parser.add_argument("--tokenizer", default="bytes",
+                        help="bytes (default) or a tokenizer.json file or Hugging Face tokenizer directory")
     args = parser.parse_args(argv)
     try:
         out = Path(args.out)
@@ -57,11 +61,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                             + (f" with extensions {args.extensions}" if exts else ""))
         if is_shard_dir(out):
             raise DataError(f"--out {out} already holds shards; remove it or choose a new path")
-        write_shards(_utf8_docs(files), out, args.val_fraction)
-        _, _, meta = load_shards(out)
+        tokenizer = load_tokenizer(args.tokenizer, option="--tokenizer")
+        write_shards(_utf8_docs(files), out, args.val_fraction, tokenizer=tokenizer)
+        _, _, meta = load_shards(out, tokenizer)
     except DataError as e:
         print(f"moetrain-prepare: error: {e}", file=sys.stderr)
         return 2
     print(f"prepared {meta['sources']} files: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens "
-          f"-> {out}")
+          f"({meta['tokenizer']}, vocabulary {meta['vocab_size']:,}, {meta['dtype']}) -> {out}")
     return 0
