@@ -19,6 +19,11 @@ Activation checkpointing (`activation_checkpointing`, trainer.activation_checkpo
                Backward never repeats communication.
 Each MoE layer's RoutingRecord comes from the forward only (a recomputation's record reaches nobody), so the
 balancing statistics count every token once in every mode.
+
+Attention is grouped-query (model/attention.py: head_dim, qkv_bias, qk_norm, clip_qkv) or Multi-head Latent
+Attention (model.attention=mla, model/mla.py); rope tables (plain or yarn) come from model/rope.py. With a KV cache
+(model/kv_cache.py, generation: eval mode, no gradients) `forward(tokens_BS, cache=cache)` continues the cached
+sequences: positions cache.pos .. cache.pos+S-1, no activation checkpointing.
 """
 
 from __future__ import annotations
@@ -32,18 +37,21 @@ from torch.utils.checkpoint import checkpoint
 
 from moetrain.config.schema import ModelConfig, RouterConfig
 from moetrain.model.attention import Attention
+from moetrain.model.kv_cache import KVCache, LayerKV
+from moetrain.model.mla import MLAttention
 from moetrain.model.mlp import SwiGLU
 from moetrain.model.norm import RMSNorm
-from moetrain.model.rope import rope_cos_sin
+from moetrain.model.rope import rope_tables
 from moetrain.moe.layer import MoELayer
 from moetrain.moe.routers import router_class
 
 ACTIVATION_CHECKPOINTING = ("none", "full", "selective")  # trainer.activation_checkpointing (see module docstring)
 
 
-def check_tokens(tokens_BS: torch.Tensor, cfg: ModelConfig) -> None:
+def check_tokens(tokens_BS: torch.Tensor, cfg: ModelConfig, cache: Optional[KVCache] = None) -> None:
     """Raise a one-line ValueError unless `tokens_BS` is a non-empty (B, S) batch of integer token ids with
-    S <= model.max_seq_len and, on the CPU, every id in [0, model.vocab_size).
+    S <= model.max_seq_len (with a cache: cache.pos + S <= the cache's length <= model.max_seq_len, B = the cache's
+    batch size) and, on the CPU, every id in [0, model.vocab_size).
 
     The id range is read only on the CPU, where it is one cheap reduction; on an accelerator it would cost a
     device-to-host sync per forward. The training data path needs no check there: shards store uint8 tokens
@@ -59,6 +67,13 @@ def check_tokens(tokens_BS: torch.Tensor, cfg: ModelConfig) -> None:
     if S > cfg.max_seq_len:
         raise ValueError(f"sequence length {S} exceeds model.max_seq_len={cfg.max_seq_len}; "
                          f"shorten the sequences or raise model.max_seq_len")
+    if cache is not None:
+        if B != cache.batch_size:
+            raise ValueError(f"batch of {B} sequences for a KV cache of {cache.batch_size}; create the cache for "
+                             f"this batch size")
+        if cache.pos + S > min(cache.max_len, cfg.max_seq_len):
+            raise ValueError(f"{cache.pos} cached positions + {S} new tokens exceed the KV cache length "
+                             f"{cache.max_len} (model.max_seq_len={cfg.max_seq_len}); generate fewer tokens")
     if tokens_BS.device.type == "cpu":
         lo, hi = (int(v) for v in torch.aminmax(tokens_BS))
         if lo < 0 or hi >= cfg.vocab_size:
@@ -70,7 +85,8 @@ def is_moe_layer(cfg: ModelConfig, i: int) -> bool:
     return cfg.num_experts > 0 and i >= cfg.first_k_dense and (i - cfg.first_k_dense) % cfg.moe_every == 0
 
 
-MoELayerFactory = Callable[[int, int, int, int, int], nn.Module]  # (dim, hidden, E, shared, layer_id) -> MoE layer
+# (dim, hidden, E, shared, layer_id, shared_hidden=0, shared_gate=False) -> MoE layer (moetrain/moe/layer.py)
+MoELayerFactory = Callable[..., nn.Module]
 
 
 class Block(nn.Module):
@@ -79,22 +95,25 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int, moe_layer: MoELayerFactory):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads)
+        self.attn = MLAttention(cfg) if cfg.attention == "mla" else Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         if is_moe_layer(cfg, layer_id):
-            self.ffn = moe_layer(cfg.dim, cfg.moe_hidden, cfg.num_experts, cfg.num_shared_experts, layer_id)
+            self.ffn = moe_layer(cfg.dim, cfg.moe_hidden, cfg.num_experts, cfg.num_shared_experts, layer_id,
+                                 shared_hidden=cfg.shared_expert_hidden, shared_gate=cfg.shared_expert_gate)
         else:
             self.ffn = SwiGLU(cfg.dim, cfg.ffn_hidden)
 
-    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, carry: Optional[torch.Tensor] = None):
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, carry: Optional[torch.Tensor] = None,
+                kv: Optional[LayerKV] = None):
         """(x_BSD, the MoE layer's RoutingRecord or None for a dense block); `carry` is the previous MoE layer's
-        `RoutingRecord.carry`, passed to this block's router. Under `selective` (with grad enabled) the attention
-        sub-block and a dense FFN are checkpointed: only their inputs are kept for backward."""
-        recompute = self.selective and torch.is_grad_enabled()
+        `RoutingRecord.carry`, passed to this block's router; `kv` this layer's KV cache (generation). Under
+        `selective` (with grad enabled, no cache) the attention sub-block and a dense FFN are checkpointed: only
+        their inputs are kept for backward."""
+        recompute = self.selective and torch.is_grad_enabled() and kv is None
         if recompute:
             x_BSD = x_BSD + checkpoint(self._attention, x_BSD, cos, sin, use_reentrant=False)
         else:
-            x_BSD = x_BSD + self._attention(x_BSD, cos, sin)
+            x_BSD = x_BSD + self._attention(x_BSD, cos, sin, kv)
         if isinstance(self.ffn, MoELayer):  # selective: the layer itself recomputes only its experts
             y_BSD, record = self.ffn(self.ffn_norm(x_BSD), return_record=True, carry=carry)
             return x_BSD + y_BSD, record
@@ -102,8 +121,9 @@ class Block(nn.Module):
             return x_BSD + checkpoint(self._dense_ffn, x_BSD, use_reentrant=False), None
         return x_BSD + self._dense_ffn(x_BSD), None
 
-    def _attention(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        return self.attn(self.attn_norm(x_BSD), cos, sin)
+    def _attention(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   kv: Optional[LayerKV] = None) -> torch.Tensor:
+        return self.attn(self.attn_norm(x_BSD), cos, sin, kv)
 
     def _dense_ffn(self, x_BSD: torch.Tensor) -> torch.Tensor:
         return self.ffn(self.ffn_norm(x_BSD))
@@ -119,8 +139,8 @@ class TransformerLM(nn.Module):
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         if moe_layer is None:
-            def moe_layer(dim, hidden, num_experts, num_shared, layer_id):
-                return MoELayer(dim, hidden, num_experts, num_shared, router_cfg, layer_id)
+            def moe_layer(dim, hidden, num_experts, num_shared, layer_id, **shared):
+                return MoELayer(dim, hidden, num_experts, num_shared, router_cfg, layer_id, **shared)
         self.layers = nn.ModuleList(Block(cfg, i, moe_layer) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
@@ -169,22 +189,29 @@ class TransformerLM(nn.Module):
             nn.init.trunc_normal_(self.output.weight, std=std, a=-3 * std, b=3 * std)
         torch.random.set_rng_state(cpu_rng)
 
-    def forward(self, tokens_BS: torch.Tensor, return_records: bool = False):
+    def forward(self, tokens_BS: torch.Tensor, return_records: bool = False, cache: Optional[KVCache] = None):
         """Logits (B, S, V) in fp32, or (logits, [RoutingRecord of each MoE layer]) with return_records; a malformed
-        batch raises a one-line ValueError (see `check_tokens`)."""
-        check_tokens(tokens_BS, self.cfg)
+        batch raises a one-line ValueError (see `check_tokens`). With `cache` (model/kv_cache.py) tokens_BS are the
+        next S tokens of the cached sequences (positions cache.pos .. cache.pos+S-1): their keys and values are
+        appended and cache.pos advances by S."""
+        check_tokens(tokens_BS, self.cfg, cache)
         S = tokens_BS.shape[1]
-        cos, sin = rope_cos_sin(S, self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta, tokens_BS.device)
+        start = cache.pos if cache is not None else 0
+        cos, sin = rope_tables(self.cfg, S, start, tokens_BS.device)
         h_BSD = self.tok_embeddings(tokens_BS)
         records, carry = [], None
-        for block in self.layers:
-            if self.activation_checkpointing == "full" and torch.is_grad_enabled():
+        for i, block in enumerate(self.layers):
+            if cache is not None:
+                h_BSD, record = block(h_BSD, cos, sin, carry, cache.layer(i))
+            elif self.activation_checkpointing == "full" and torch.is_grad_enabled():
                 h_BSD, record = checkpoint(block, h_BSD, cos, sin, carry, use_reentrant=False)
             else:
                 h_BSD, record = block(h_BSD, cos, sin, carry)
             if record is not None:
                 records.append(record)
                 carry = record.carry
+        if cache is not None:
+            cache.pos += S
         logits_BSV = self.output(self.norm(h_BSD)).float()
         return (logits_BSV, records) if return_records else logits_BSV
 
