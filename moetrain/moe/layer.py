@@ -2,7 +2,10 @@
 
 Legend: B batch, S sequence, T = B*S tokens on this rank, D model dim, F expert hidden dim, E experts, K top-k.
 
-    y_TD = sum_k gates_TK[t, k] * expert_{topk_idx_TK[t, k]}(x_TD[t])  +  shared(x_TD[t])
+    y_TD = sum_k gates_TK[t, k] * expert_{topk_idx_TK[t, k]}(x_TD[t])  +  g_T[t] * shared(x_TD[t])
+
+The shared experts are one fused SwiGLU of hidden size Fs (`shared_hidden`, default num_shared * F); g_T = 1, or with
+`shared_gate` (Qwen2-MoE) g_T = sigmoid(x_TD @ w_g^T), w_g of shape (1, D) (`shared_gate.weight`).
 
 The shared experts run between dispatch_comm and dispatch_postprocess, i.e. while the tokens are in flight. With a
 pipeline degree n > 1 the all-to-all travels in n chunks (each a slice of every rank's experts): all chunks are sent
@@ -65,7 +68,7 @@ class MoELayer(nn.Module):
     def __init__(self, dim: int, hidden: int, num_experts: int, num_shared: int, router_cfg: RouterConfig,
                  layer_id: int, dispatcher: Optional[Dispatcher] = None, experts: Optional[GroupedExperts] = None,
                  dp_group: Optional[dist.ProcessGroup] = None, backend: str = "auto",
-                 recompute_experts: bool = False):
+                 recompute_experts: bool = False, shared_hidden: int = 0, shared_gate: bool = False):
         super().__init__()
         self.recompute_experts = recompute_experts
         self.layer_id, self.num_experts, self.router_cfg = layer_id, num_experts, router_cfg
@@ -76,13 +79,17 @@ class MoELayer(nn.Module):
             dispatcher = LocalDispatcher(num_experts, router_cfg.capacity_factor, router_cfg.pad_to_capacity)
         self.dispatcher = dispatcher
         self.experts = experts if experts is not None else GroupedExperts(dim, hidden, list(range(num_experts)), backend)
-        self.shared_experts = SwiGLU(dim, hidden * num_shared) if num_shared > 0 else None
+        self.shared_hidden = (shared_hidden or hidden * num_shared) if num_shared > 0 else 0  # Fs
+        self.shared_experts = SwiGLU(dim, self.shared_hidden) if num_shared > 0 else None
+        self.shared_gate = nn.Linear(dim, 1, bias=False) if num_shared > 0 and shared_gate else None
 
     def reset_parameters(self, init_std: float, out_std: float, seed: int) -> None:
         self.router.reset_parameters(init_std)
         self.experts.reset_parameters(init_std, out_std, seed, self.layer_id)
         if self.shared_experts is not None:
             self.shared_experts.reset_parameters(init_std, out_std)
+        if self.shared_gate is not None:
+            nn.init.trunc_normal_(self.shared_gate.weight, std=init_std, a=-3 * init_std, b=3 * init_std)
 
     @property
     def degree(self) -> int:
@@ -104,6 +111,8 @@ class MoELayer(nn.Module):
         x_RD = d.dispatch_preprocess(x_TD.to(amp_dtype) if amp_dtype else x_TD, plan)
         in_flight = [d.dispatch_comm(x_RD, plan, c) for c in range(plan.num_chunks)]  # all chunks start moving
         shared_TD = self.shared_experts(x_TD) if self.shared_experts is not None else None
+        if self.shared_gate is not None:
+            shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
         outs, counts = [], []
         with self.experts.materialize() as weights:
             for c in range(plan.num_chunks):  # compute chunk c while later chunks arrive and earlier ones return
@@ -141,10 +150,11 @@ class MoELayer(nn.Module):
 
     def flops_per_token(self, experts_per_token: float) -> float:
         """Forward FLOPs per token of this layer for a measured number of routed experts per token:
-        2*D*X (gate over the router's X choices) + (experts_per_token + shared) * 6*D*F (SwiGLU: three D x F
-        matmuls, 2 FLOPs per multiply-add). Backward costs about twice as much."""
-        gate = 2 * self.dim * self.router.gate.weight.shape[0]
-        return float(gate + (experts_per_token + self.num_shared) * 6 * self.dim * self.hidden)
+        2*D*X (gate over the router's X choices) + experts_per_token * 6*D*F + 6*D*Fs (SwiGLU: three D x F
+        matmuls, 2 FLOPs per multiply-add; Fs the shared experts' hidden size) + 2*D with a shared gate. Backward
+        costs about twice as much."""
+        gate = 2 * self.dim * (self.router.gate.weight.shape[0] + (self.shared_gate is not None))
+        return float(gate + 6 * self.dim * (experts_per_token * self.hidden + self.shared_hidden))
 
     def after_step(self, step: int, global_tokens_per_expert_E: torch.Tensor,
                    optimizer: Optional[torch.optim.Optimizer]) -> None:

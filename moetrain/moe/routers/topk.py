@@ -7,8 +7,9 @@ Legend: T tokens, E experts, K top-k, G expert groups (router.num_groups), W ran
     gates_TK = scores_TE[topk_idx_TK]; gates /= sum_k gates (if norm_topk_prob); gates *= route_scale
 
 Group-limited routing (num_groups G > 1): every expert belongs to one group, group_E[e] in [0, G); a group's score is
-the sum of its top-(K/topk_groups) biased scores, and only the experts of the best `topk_groups` groups stay eligible:
-    group_score_TG[t, g] = sum of the top-min(K/topk_groups, |g|) of {scores_TE[t, e] + bias_E[e] : group_E[e] = g}
+the sum of its top-m biased scores, m = router.group_score_topk (DeepSeek-V3: 2) or, when that is 0,
+max(1, K/topk_groups), and only the experts of the best `topk_groups` groups stay eligible:
+    group_score_TG[t, g] = sum of the top-min(m, |g|) of {scores_TE[t, e] + bias_E[e] : group_E[e] = g}
     eligible_TE[t, e]    = group_E[e] in topk(group_score_TG[t], topk_groups)
 `router.group_by` says what the groups are:
     experts: G equal expert-id ranges, group_E[e] = e // (E/G)              (the published DeepSeek-V3 routing)
@@ -55,9 +56,11 @@ class TopKRouter(Router):
             elif cfg.group_by == "ranks":
                 group_E = self.rank_groups(ctx.expert_location_E, scores_TE.device)
                 topk_idx_TK = select_topk(scores_TE.detach() + self.expert_bias_E, K,
-                                          cfg.num_groups if group_E is not None else 1, cfg.topk_groups, group_E)
+                                          cfg.num_groups if group_E is not None else 1, cfg.topk_groups, group_E,
+                                          cfg.group_score_topk)
             else:
-                topk_idx_TK = select_topk(scores_TE.detach() + self.expert_bias_E, K, cfg.num_groups, cfg.topk_groups)
+                topk_idx_TK = select_topk(scores_TE.detach() + self.expert_bias_E, K, cfg.num_groups, cfg.topk_groups,
+                                          group_score_topk=cfg.group_score_topk)
         gates_TK = self.finish_gates(scores_TE.gather(1, topk_idx_TK))
         return RouterOutput(topk_idx_TK, gates_TK, scores_TE, logits_TE, self.count(topk_idx_TK))
 
@@ -86,12 +89,12 @@ class TopKRouter(Router):
 
 
 def select_topk(biased_TE: torch.Tensor, k: int, num_groups: int = 1, topk_groups: int = 1,
-                group_E: Optional[torch.Tensor] = None) -> torch.Tensor:
+                group_E: Optional[torch.Tensor] = None, group_score_topk: int = 0) -> torch.Tensor:
     """Top-k expert ids per token, optionally restricted to the best `topk_groups` of `num_groups` groups.
 
     group_E: the group of each expert, int64 in [0, num_groups), groups of any size; None: `num_groups` equal
-    expert-id ranges. A group's score is the sum of its top-min(m, group size) biased scores, m = max(1, k //
-    topk_groups); an empty group never wins. The chosen groups must hold at least k experts together (validation
+    expert-id ranges. A group's score is the sum of its top-min(m, group size) biased scores, m = group_score_topk,
+    or max(1, k // topk_groups) when that is 0; an empty group never wins. The chosen groups must hold at least k experts together (validation
     ensures it for equal groups: top_k <= topk_groups * E / num_groups). A general map costs two sorts of T x E and no
     host synchronisation:
         vals_TE, idx_TE = sort(biased_TE, descending)           # best first
@@ -101,7 +104,7 @@ def select_topk(biased_TE: torch.Tensor, k: int, num_groups: int = 1, topk_group
     if num_groups <= 1 or topk_groups >= num_groups:
         return biased_TE.topk(k, dim=-1).indices
     T, E = biased_TE.shape
-    m = max(1, k // topk_groups)
+    m = group_score_topk or max(1, k // topk_groups)
     if group_E is None:
         grouped_TGS = biased_TE.view(T, num_groups, E // num_groups)
         group_scores_TG = grouped_TGS.topk(min(m, E // num_groups), dim=-1).values.sum(-1)
