@@ -8,7 +8,7 @@ prints the result (`format_plan`); docs/memory.md explains the rows and lists th
 
 Legend: W world size, ep expert-parallel size (mode=ep; the expert-data-parallel size is W/ep), dpr
 parallel.dp_replicate (HSDP replicas), B micro-batch, S sequence length, T = B*S tokens per rank and micro-batch,
-D model dim, Dkv = n_kv_heads * D / n_heads, H query heads, Fd dense FFN hidden, F expert hidden, Fs = F * shared
+D model dim, H query heads, Dq = H * head dim, Dkv = n_kv_heads * head dim, Fd dense FFN hidden, F expert hidden, Fs = F * shared
 experts, X router choices (E plus virtual experts), E routed experts per MoE layer, K routed experts per token (the
 method's `experts_per_token`; top_k for top-k routing), L layers (Lm of them MoE), V vocabulary, X_e = 3*D*F elements
 of one expert, b bytes of the compute dtype (4 fp32, 2 bf16; parameters, gradients and optimizer state stay fp32).
@@ -25,8 +25,15 @@ Gradients: the same elements, fp32 (4 B).  Optimizer (AdamW): 2 fp32 moments of 
 and other scalars not counted).
 Activations, bytes saved for backward by one micro-batch (gradient accumulation keeps one at a time); the 4*(...)
 terms stay fp32 under bf16 (residual stream, norm statistics, router scores, logits), the b*(...) terms do not:
-    attention part of a block:  4*(2*T*D + B*H*S) + b*(4*T*D + 2*T*Dkv)
+    attention part of a block:  4*(2*T*D + B*H*S) + b*(T*D + 3*T*Dq + 2*T*Dkv)
         (norm input and normalised input, softmax log-sum-exp; norm output, q, attention output, wo input, k, v)
+        + 4*2*T*(Dq + Dkv) with model.qk_norm (the norms' fp32 input and normalised q, k)
+        + b*T*(Dq + 2*Dkv) with model.clip_qkv (the unclipped q, k, v)
+      mla (Qr q_lora_rank, C kv_lora_rank, R qk_rope_head_dim, N qk_nope_head_dim, Dv v_head_dim):
+                                4*(2*T*D + B*H*S) + 4*T*(2*Qr + C) + b*T*(D + Qr + 2*C + R + H*(N + Dv)
+                                + 2*H*(N + R) + 2*H*Dv)
+        (as above; the q latent's norm input, normalised value and output; the kv latent with its rope key, its
+        normalised value and norm output; c Wkv_b (keys and values); q and k; attention output, wo input)
     dense FFN:                  4*2*T*D + b*(T*D + 4*T*Fd)          (norm; its output, h1, silu(h1), h3, product)
     MoE FFN, dense part:        4*(2*T*D + 2*T*X) + b*(T*D + 4*T*Fs) (norm, router scores, shared experts)
              expert part:       b*(2*R*D + 2*R*F)  (received rows, h1 and h3 of the fused grouped SwiGLU, returned rows)
@@ -239,9 +246,7 @@ def plan_memory(cfg: TrainConfig, world_size: int) -> MemoryPlan:
 
     def block_parts(block) -> tuple[Split, Split, Split, Split]:
         """(attention part, FFN part, kept under selective, largest piece recomputed under selective)."""
-        attn = block.attn
-        H, Dkv = attn.n_heads, attn.wk.weight.shape[0]
-        attention = Split(FP32 * (2 * T * D + B * H * S) + b * (4 * T * D + 2 * T * Dkv), 0)
+        attention = Split(attention_activation_bytes(block.attn, B, S, D, b), 0)
         ffn = block.ffn
         if isinstance(ffn, MoELayer):
             X = ffn.router.gate.weight.shape[0]
@@ -306,6 +311,25 @@ def plan_memory(cfg: TrainConfig, world_size: int) -> MemoryPlan:
         dense_text = "dense ddp (replicated)"
     return MemoryPlan(W, f"{ep_text}, {dense_text}", precision, B, S, tc.activation_checkpointing, elems,
                       parameters, gradients, optimizer, activations, all_to_all, copies, notes, recomputed)
+
+
+def attention_activation_bytes(attn, B: int, S: int, D: int, b: int) -> int:
+    """Bytes the attention part of a block saves for backward (module docstring), from the module's weights."""
+    from moetrain.model.mla import MLAttention
+
+    T, H = B * S, attn.n_heads
+    common = FP32 * (2 * T * D + B * H * S)
+    if isinstance(attn, MLAttention):
+        N, R, Dv, C, Qr = attn.nope_dim, attn.rope_dim, attn.v_dim, attn.kv_rank, attn.q_rank
+        return common + FP32 * T * (2 * Qr + C) + b * T * (D + Qr + 2 * C + R + H * (N + Dv) + 2 * H * (N + R)
+                                                            + 2 * H * Dv)
+    Dq, Dkv = attn.wq.weight.shape[0], attn.wk.weight.shape[0]
+    out = common + b * (T * D + 3 * T * Dq + 2 * T * Dkv)
+    if attn.qk_norm != "none":
+        out += FP32 * 2 * T * (Dq + Dkv)
+    if attn.clip_qkv is not None:
+        out += b * T * (Dq + 2 * Dkv)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------- printing
