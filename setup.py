@@ -24,16 +24,19 @@ setup(
     ],
     extras_require={
         "wandb": ["wandb>=0.17"],
+        "dashboard": ["wandb>=0.17", "wandb-workspaces>=0.4"],  # moetrain-dashboard
         "tensorboard": ["tensorboard>=2.14"],
         "kernels": ["triton>=3.0"],
         "deepspeed": ["deepspeed>=0.15"],
-        "dev": ["pytest>=8", "hypothesis>=6", "wandb>=0.17", "tensorboard>=2.14", "triton>=3.0"],
+        "dev": ["pytest>=8", "hypothesis>=6", "wandb>=0.17", "tensorboard>=2.14", "triton>=3.0",
+                "wandb-workspaces>=0.4", "dockerfile-parse>=2.0"],
     },
     entry_points={
         "console_scripts": [
             "moetrain-train=moetrain.cli:train_main",
             "moetrain-prepare=moetrain.cli:prepare_main",
             "moetrain-report=moetrain.cli:report_main",
+            "moetrain-dashboard=moetrain.telemetry.dashboard:main",
         ]
     },
 )
