@@ -28,15 +28,19 @@ setup(
         "tensorboard": ["tensorboard>=2.14"],
         "kernels": ["triton>=3.0"],
         "deepspeed": ["deepspeed>=0.15"],
+        "hf": ["transformers>=5.0", "safetensors>=0.4", "tokenizers>=0.20"],  # moetrain-convert, real tokenizers
         "dev": ["pytest>=8", "hypothesis>=6", "wandb>=0.17", "tensorboard>=2.14", "triton>=3.0",
-                "wandb-workspaces>=0.4", "dockerfile-parse>=2.0"],
+                "wandb-workspaces>=0.4", "dockerfile-parse>=2.0", "transformers>=5.0", "safetensors>=0.4",
+                "tokenizers>=0.20"],
     },
     entry_points={
         "console_scripts": [
             "moetrain-train=moetrain.cli:train_main",
             "moetrain-prepare=moetrain.cli:prepare_main",
             "moetrain-report=moetrain.cli:report_main",
+            "moetrain-generate=moetrain.generate:main",
             "moetrain-dashboard=moetrain.telemetry.dashboard:main",
+            "moetrain-convert=moetrain.interop.cli:main",
         ]
     },
 )
