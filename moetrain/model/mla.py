@@ -1,7 +1,7 @@
 """Multi-head Latent Attention (MLA, DeepSeek-V2/V3), selected by model.attention=mla.
 
 Legend: B batch, S new positions, L key positions (S, or pos + S with a KV cache), D model dim, H heads,
-Qr q_lora_rank, C kv_lora_rank, N qk_nope_head_dim, R qk_rope_head_dim, Dv v_head_dim.
+Qr q_lora_rank, C kv_lora_rank, N qk_nope_head_dim, R qk_rope_head_dim, Q = N + R, Dv v_head_dim.
 
     q_BSH(N+R)  = x Wq                                  (q_lora_rank = 0)
                 = RMSNorm(x Wq_a) Wq_b                  (q_lora_rank = Qr > 0: queries through a rank-Qr bottleneck)
