@@ -123,9 +123,9 @@ class DeepSpeedLM(nn.Module):
         return getattr(self, n["output"])(getattr(self, n["norm"])(h)).float()
 
 
-def save_deepspeed(rank, world, spec, names, out_dir):
-    """Build, train one step and save the model through the DeepSpeed engine; return this rank's eval tokens,
-    logits and MoE layer outputs."""
+def save_deepspeed(rank, world, jobs):
+    """For each (spec, names, out_dir) of `jobs`: build the model, train one step and save it through the DeepSpeed
+    engine; return this rank's eval tokens, logits and MoE layer outputs of each."""
     import os
 
     os.environ["DS_ACCELERATOR"] = "cpu"
@@ -134,8 +134,14 @@ def save_deepspeed(rank, world, spec, names, out_dir):
     import deepspeed
 
     # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op on first use (~50 s); gloo needs none.
-    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    ds_torch_backend = sys.modules.get("deepspeed.comm.torch")
+    if hasattr(ds_torch_backend, "build_shm_op"):
+        ds_torch_backend.build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="gloo")
+    return [save_one(deepspeed, rank, *job) for job in jobs]
+
+
+def save_one(deepspeed, rank, spec, names, out_dir):
     torch.manual_seed(0)
     model = DeepSpeedLM(spec, names)
     with torch.no_grad():  # DeepSpeed deep-copies one expert: give each (layer, global expert) its own weights
@@ -180,18 +186,18 @@ def moetrain_forward(run_dir: Path, tokens):
 
 @pytest.fixture(scope="module")
 def ds(tmp_path_factory):
-    """The saved DeepSpeed checkpoints and what DeepSpeed computed: `top2` (ep_size=1, moetrain's names,
-    dropless), `top1_ep2` (ep_size=2 over two ranks, other names, capacity factor 4), `gelu` (GELU experts)."""
+    """The saved DeepSpeed checkpoints and what each rank's DeepSpeed model computed, all from one 2-rank launch:
+    `top2` (ep_size=1, i.e. 2 data-parallel copies of every expert; moetrain's names; dropless), `top1_ep2`
+    (ep_size=2: each rank holds half the experts; other names; capacity factor 4), `gelu` (GELU experts)."""
     if not HAVE_DEEPSPEED:
         pytest.skip("deepspeed is not installed")
     root = tmp_path_factory.mktemp("deepspeed")
-    specs = {"top2": (dict(ep=1, k=2, drop_tokens=False, capacity_factor=1.0), MOETRAIN_NAMES, 1),
-             "top1_ep2": (dict(ep=2, k=1, drop_tokens=True, capacity_factor=4.0), OTHER_NAMES, 2),
-             "gelu": (dict(ep=1, k=1, drop_tokens=False, capacity_factor=1.0, gelu=True), MOETRAIN_NAMES, 1)}
-    result = {}
-    for name, (spec, names, world) in specs.items():
-        out_dir = root / name
-        result[name] = (out_dir, run_distributed(save_deepspeed, world, spec, names, str(out_dir)))
+    specs = {"top2": (dict(ep=1, k=2, drop_tokens=False, capacity_factor=1.0), MOETRAIN_NAMES),
+             "top1_ep2": (dict(ep=2, k=1, drop_tokens=True, capacity_factor=4.0), OTHER_NAMES),
+             "gelu": (dict(ep=1, k=1, drop_tokens=False, capacity_factor=1.0, gelu=True), MOETRAIN_NAMES)}
+    jobs = [(spec, names, str(root / name)) for name, (spec, names) in specs.items()]
+    per_rank = run_distributed(save_deepspeed, 2, jobs)
+    result = {name: (root / name, [r[j] for r in per_rank]) for j, name in enumerate(specs)}
     name_map = root / "names.json"
     name_map.write_text(json.dumps(OTHER_NAME_MAP))
     result["name_map"] = name_map
