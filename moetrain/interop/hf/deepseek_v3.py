@@ -68,7 +68,8 @@ class DeepseekV3(Family):
             **c.rope_settings(hf))
         router = dict(method="topk", top_k=c.require(hf, "num_experts_per_tok"), score_func="sigmoid",
                       norm_topk_prob=bool(hf["norm_topk_prob"]), route_scale=float(hf["routed_scaling_factor"]),
-                      num_groups=groups, topk_groups=c.require(hf, "topk_group"), group_score_topk=2,
+                      num_groups=groups, topk_groups=c.require(hf, "topk_group") if groups > 1 else 1,
+                      group_score_topk=2 if groups > 1 else 0,
                       group_by="experts", capacity_factor=None, force_balanced=False,
                       bias_update_rule="sign", bias_update_rate=1e-3)  # DeepSeek-V3's published balancing step
         return model, router
