@@ -82,7 +82,7 @@ class NameMap:
 def parse_options(overrides: Sequence[str]) -> tuple[DeepSpeedOptions, list[str]]:
     """Split `overrides` into the `deepspeed.*` options and the moetrain config overrides."""
     opts, rest = DeepSpeedOptions(), []
-    known = {f.name: f.type for f in fields(DeepSpeedOptions)}
+    known = [f.name for f in fields(DeepSpeedOptions)]
     for item in overrides:
         if not item.startswith(OPTION_PREFIX):
             rest.append(item)
@@ -191,13 +191,14 @@ def import_deepspeed(src: Path, out: Path, overrides: Sequence[str] = ()) -> Pat
     if not paths:
         raise ConvertError(f"{tag_dir / files.MODEL_STATES} holds no DeepSpeed MoE gate (*{files.GATE_SUFFIX}); "
                            f"the checkpoint has no deepspeed.moe.layer.MoE layers to import")
-    if len(num_experts_L) != len(paths):
-        raise ConvertError(f"{tag_dir / files.MODEL_STATES} lists experts for {len(num_experts_L)} MoE layers but "
-                           f"holds {len(paths)} gates; the file is not from an unmodified engine.save_checkpoint")
-    if len(set(num_experts_L)) != 1:
-        raise ConvertError(f"the MoE layers have different numbers of experts ({num_experts_L}); moetrain's "
-                           f"layers all have model.num_experts experts")
-    E = num_experts_L[0]
+    gate_E = [module[p + files.GATE_SUFFIX].shape[0] for p in paths]  # a gate's rows: its layer's experts
+    if num_experts_L and num_experts_L != gate_E:
+        raise ConvertError(f"{tag_dir / files.MODEL_STATES} records {num_experts_L} experts per MoE layer but its "
+                           f"gates have {gate_E} rows; the file is not from an unmodified engine.save_checkpoint")
+    if len(set(gate_E)) != 1:
+        raise ConvertError(f"the MoE layers have different numbers of experts ({gate_E}); moetrain's layers all "
+                           f"have model.num_experts experts")
+    E = gate_E[0]
     moe_layers: dict[int, tuple[int, str]] = {}  # moetrain layer index -> (DeepSpeed MoE layer number, path)
     for L, path in enumerate(paths):
         residual = [k for k in module if k.startswith(f"{path}.mlp.") or k.startswith(f"{path}.coefficient.")]

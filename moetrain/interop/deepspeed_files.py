@@ -25,7 +25,6 @@ reads nothing from them. A file that needs any other global is refused with the 
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +109,8 @@ def find_tag_dir(src: Path) -> Path:
 
 
 def read_model_states(tag_dir: Path) -> tuple[dict[str, torch.Tensor], list[int]]:
-    """(`module` state dict, experts per MoE layer in module order) of the checkpoint's model-states file."""
+    """(`module` state dict, experts per MoE layer in module order, as the engine recorded them; empty when it did
+    not) of the checkpoint's model-states file."""
     path = tag_dir / MODEL_STATES
     states = load_pickle(path)
     module = states.get("module") if isinstance(states, dict) else None
@@ -147,8 +147,3 @@ def moe_paths(module: dict[str, torch.Tensor]) -> list[str]:
     """Module paths of the MoE layers, in module order (the order of the `layer_<L>` expert files)."""
     return [k[:-len(GATE_SUFFIX)] for k in module if k.endswith(GATE_SUFFIX)]
 
-
-def expert_layer_ids(tag_dir: Path) -> set[int]:
-    """The MoE layer numbers L that have expert files in `tag_dir`."""
-    pattern = re.compile(r"layer_(\d+)_expert_\d+_mp_rank_00_model_states\.pt$")
-    return {int(m.group(1)) for p in tag_dir.iterdir() if (m := pattern.match(p.name))}
