@@ -204,6 +204,9 @@ def ds(tmp_path_factory):
     return result
 
 
+OK = ["deepspeed.k=2", "deepspeed.drop_tokens=false", "model.n_heads=4"]
+
+
 def assert_matches(run_dir: Path, ranks: list[dict]):
     for r in ranks:
         cfg, logits, outs = moetrain_forward(run_dir, r["tokens"])
@@ -217,8 +220,7 @@ def assert_matches(run_dir: Path, ranks: list[dict]):
 @needs_deepspeed
 def test_top2_ep1_matches_deepspeed(ds, tmp_path):
     src, ranks = ds["top2"]
-    run = import_deepspeed(src, tmp_path / "run", ["deepspeed.k=2", "deepspeed.drop_tokens=false",
-                                                  "model.n_heads=4"])
+    run = import_deepspeed(src, tmp_path / "run", OK)
     assert (run / "config.yaml").is_file()
     cfg = assert_matches(run, ranks)
     r, m = cfg.router, cfg.model
@@ -237,15 +239,27 @@ def test_top1_ep2_renamed_matches_deepspeed(ds, tmp_path):
     assert (cfg.router.top_k, cfg.router.norm_topk_prob, cfg.router.capacity_factor) == (1, False, 4.0)
 
 
+@needs_deepspeed
+def test_moetrain_convert_command(ds, tmp_path, capsys):
+    """The console tool recognises the DeepSpeed directory (--from auto), writes the run, and reports a problem as
+    one `moetrain-convert: error:` line with exit status 2."""
+    from moetrain.interop.cli import main
+
+    src, ranks = ds["top2"]
+    assert main([str(src), "--out", str(tmp_path / "run"), *OK]) == 0
+    assert_matches(tmp_path / "run", ranks[:1])
+    assert main([str(src), "--from", "deepspeed", "--out", str(tmp_path / "bad"), "model.n_heads=4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("moetrain-convert: error: ") and "deepspeed.k=2" in err and "\n" not in err, err
+    assert not (tmp_path / "bad").exists()
+
+
 def refused(src, out: Path, overrides, *fragments):
     with pytest.raises(ConvertError) as e:
         import_deepspeed(src, out, overrides)
     message = str(e.value)
     assert "\n" not in message and all(f in message for f in fragments), message
     assert not out.exists()
-
-
-OK = ["deepspeed.k=2", "deepspeed.drop_tokens=false", "model.n_heads=4"]
 
 
 @needs_deepspeed

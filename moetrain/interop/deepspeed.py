@@ -181,6 +181,11 @@ def import_deepspeed(src: Path, out: Path, overrides: Sequence[str] = ()) -> Pat
     from moetrain.interop.run_dir import write_run_dir
     from moetrain.model.transformer import TransformerLM
 
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise ConvertError("the DeepSpeed import runs as one process (moetrain-convert without torchrun); the run "
+                           "directory it writes loads under any parallel layout")
     opts, user_overrides = parse_options(overrides)
     names = read_name_map(opts.names)
     tag_dir = files.find_tag_dir(Path(src))
