@@ -153,6 +153,13 @@ def test_round_trip_is_bit_exact_and_loads_in_transformers(hf_models, tmp_path, 
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert (_hf_logits(back) - _hf_logits(hf)).abs().max().item() <= 1e-5
     assert (first(TOKENS) - _hf_logits(back)).abs().max().item() <= 1e-4
+    if name in MOE_ARCHS:  # transformers' greedy decoding of the export = moetrain-generate's (KV cache) of the run
+        from moetrain.generate import SamplingConfig, generate_ids
+
+        prompt = TOKENS[0, :5]
+        theirs = back.generate(prompt[None], max_new_tokens=10, do_sample=False, eos_token_id=None,
+                               pad_token_id=0)[0, 5:].tolist()
+        assert generate_ids(first, prompt.tolist(), SamplingConfig(max_new_tokens=10, greedy=True)) == theirs
 
 
 def _ep_body(rank, world, sources, out):
