@@ -1,8 +1,10 @@
 """Console entry points: moetrain-train (= python -m moetrain.train), moetrain-prepare, moetrain-report.
 
-    moetrain-train [--cfg] [KEY=VALUE | GROUP=OPTION ...]
+    moetrain-train [-m] [--cfg [job|hydra|all]] [-cd DIR -cn NAME] [KEY=VALUE | GROUP=OPTION ...]
 
-Errors the user can fix (bad overrides, inconsistent settings, bad data or checkpoint paths) print one line,
+moetrain-train speaks Hydra's command line (moetrain/launch/hydra_cli.py: sweeps, --cfg, --info, --help, -cd/-cn);
+a single run, also one rank under torchrun, composes its config and trains here.
+Errors the user can fix (bad flags or overrides, inconsistent settings, bad data or checkpoint paths) print one line,
 `moetrain-train: error: ...`, and exit with status 2 before any process group starts.
 """
 
@@ -10,16 +12,6 @@ from __future__ import annotations
 
 import sys
 from typing import Optional, Sequence
-
-USAGE = """usage: moetrain-train [--cfg] [OVERRIDE ...]
-
-Train a Mixture-of-Experts LM. Overrides are Hydra syntax, for example:
-  moetrain-train model=tiny model.num_experts=16 router.top_k=4 optim.lr=1e-3 trainer.max_steps=50
-  torchrun --nproc_per_node=2 -m moetrain.train parallel.ep=2
-Groups: model (tiny, small, mixtral_8x7b, deepseek_v3_like, qwen3_moe_like, olmoe_like), router, parallel, optim,
-data, logger. --cfg prints the composed config and exits. trainer.dry_run=true prints parameter counts and the
-per-rank memory plan (for trainer.dry_run_world_size=N ranks) and exits.
-"""
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -38,25 +30,22 @@ def _fail(prog: str, msg: str, rank: int) -> int:
 
 
 def train_main(argv: Optional[Sequence[str]] = None) -> int:
-    from omegaconf import OmegaConf
-
     from moetrain.config.compose import compose_config
     from moetrain.config.validate import validate
+    from moetrain.launch.hydra_cli import parse_command_line, run_command, version_text
     from moetrain.parallel.mesh import env_world
 
     args = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in args or "--help" in args:
-        print(USAGE)
+    if "--version" in args:
+        print(version_text())
         return 0
-    print_cfg = "--cfg" in args
-    overrides = [a for a in args if a != "--cfg"]
     rank, world_size, _ = env_world()
     errors = _user_errors()
     try:
-        cfg = compose_config(overrides)
-        if print_cfg:
-            print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-            return 0
+        command = parse_command_line(args)
+        if command.action != "run":  # help, --cfg, --info, a sweep (-m)
+            return run_command(command)
+        cfg = compose_config(command.overrides, source=command.source)
         if cfg.trainer.dry_run:  # validated for the world size it plans for
             return _dry_run(cfg, world_size)
         validate(cfg, world_size)

@@ -1,14 +1,22 @@
 """Compose a TrainConfig from the Hydra config tree and command-line overrides.
 
-We use Hydra's compose API rather than `@hydra.main`, so that the run directory is ours (`trainer.run_dir`), the
-working directory never changes, and a bad override becomes one clear line instead of a traceback.
+A single run composes here, through Hydra's config loader but not `@hydra.main`: the run directory is ours
+(`trainer.run_dir`), the working directory never changes, Hydra writes nothing (no `.hydra/`, no `outputs/`), and a
+bad override becomes one clear line instead of a traceback. Sweeps (`-m`) go through Hydra's sweepers and launchers
+(moetrain/launch/hydra_cli.py), with the same config search path (`create_hydra`).
+
+The primary config is `train` from the package's configs/, or `-cn NAME` found first in `-cd DIR` (Hydra's
+`--config-name` and `--config-dir`), e.g. a run directory's `config.yaml`, which `run_config_yaml` writes so that
+`moetrain-train -cd RUN_DIR -cn config [OVERRIDE ...]` continues that run's settings.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -28,19 +36,57 @@ def config_dir() -> Path:
                       f"moetrain with `pip install -e .` from a source checkout")
 
 
-def compose_dictconfig(overrides: Sequence[str] = (), config_name: str = "train"):
-    from hydra import compose, initialize_config_dir
+@dataclass(frozen=True)
+class ConfigSource:
+    """Where the primary config comes from: `config_name` (Hydra's -cn), searched in `config_dir` (Hydra's -cd,
+    optional) as well as the package's configs/, whose groups (model=, router=, ...) resolve either way."""
+
+    config_name: str = "train"
+    config_dir: Optional[str] = None
+
+    def argv(self) -> list[str]:
+        """The same choice on another moetrain-train command line."""
+        args = [] if self.config_dir is None else ["-cd", os.path.abspath(self.config_dir)]
+        return args + ([] if self.config_name == "train" else ["-cn", self.config_name])
+
+
+def create_hydra(source: ConfigSource = ConfigSource()):
+    """A Hydra instance over the config search path: Hydra's own configs, the package's configs/, `-cd DIR` (where
+    Hydra's own command line puts it: after the primary config directory, before the structured schemas), and the
+    schemas of moetrain/config/schema.py."""
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
+    from hydra.core.config_search_path import SearchPathQuery
 
     register_configs()
     GlobalHydra.instance().clear()
+    search_path = create_config_search_path(f"file://{config_dir()}")
+    if source.config_dir is not None:
+        extra = os.path.abspath(source.config_dir)
+        if not os.path.isdir(extra):
+            raise ConfigError(f"--config-dir {source.config_dir} is not a directory; give the directory holding "
+                              f"{source.config_name}.yaml (e.g. a run directory)")
+        search_path.prepend(provider="command-line", path=f"file://{extra}", anchor=SearchPathQuery(provider="schema"))
+    return Hydra.create_main_hydra2(task_name="moetrain-train", config_search_path=search_path)
+
+
+def compose_dictconfig(overrides: Sequence[str] = (), config_name: str = "train",
+                       source: Optional[ConfigSource] = None):
+    from hydra.errors import HydraException
+    from hydra.types import RunMode
+    from omegaconf import open_dict
+    from omegaconf.errors import OmegaConfBaseException
+
+    source = source or ConfigSource(config_name=config_name)
     try:
-        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            dcfg = compose(config_name=config_name, overrides=list(overrides))
+        hydra = create_hydra(source)
+        dcfg = hydra.compose_config(source.config_name, list(overrides), run_mode=RunMode.RUN,
+                                    with_log_configuration=False)
+        with open_dict(dcfg):
+            del dcfg["hydra"]
     except (HydraException, OmegaConfBaseException, ValueError) as e:
-        raise ConfigError(describe_error(e)) from None
+        raise ConfigError(describe_error(e, source.config_name)) from None
     extra = next(unknown_keys(OmegaConf.to_container(dcfg, resolve=False)), None)
     if extra is not None:  # `+key=value` adds a key the schema lacks; it would be dropped without a word
         raise ConfigError(f"bad config or override: {unknown_key(extra)}")
@@ -102,14 +148,14 @@ def one_line(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def describe_error(e: BaseException) -> str:
+def describe_error(e: BaseException, config_name: str = "train") -> str:
     """One line from a Hydra/OmegaConf exception chain: what failed, why, and what is available."""
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
     msg = lines[0] if lines else type(e).__name__
     unknown = _UNKNOWN_KEY.match(msg)
     if unknown:
         return one_line(f"bad config or override: {unknown_key(unknown.group(1))}")
-    msg = msg.removeprefix("In 'train': ")
+    msg = msg.removeprefix(f"In '{config_name}': ")
     options = [ln for ln in lines[1:] if not ln.startswith(("Config search path", "provider=", "Available options"))]
     if "Available options" in str(e):
         missing = _MISSING_OPTION.search(msg)
@@ -131,11 +177,30 @@ _UNKNOWN_KEY = re.compile(r"^Could not override '([^']+)'")
 _MISSING_OPTION = re.compile(r"Could not find '([^'/]+)/([^']+)'")
 
 
-def compose_config(overrides: Sequence[str] = ()) -> TrainConfig:
+def compose_config(overrides: Sequence[str] = (), source: Optional[ConfigSource] = None) -> TrainConfig:
     from omegaconf.errors import OmegaConfBaseException
 
-    dcfg = compose_dictconfig(overrides)
+    dcfg = compose_dictconfig(overrides, source=source)
     try:
         return OmegaConf.to_object(dcfg)
     except OmegaConfBaseException as e:
         raise ConfigError(one_line(f"bad config value: {str(e).strip().splitlines()[0]}")) from None
+
+
+# The groups a run's config.yaml leaves open (`model: null`): selecting one on the command line (`model=small`) merges
+# that preset over the run's values, as it would over train.yaml's.
+RUN_CONFIG_GROUPS = ("model", "parallel", "optim", "data", "logger")
+
+
+def run_config_yaml(cfg: TrainConfig) -> str:
+    """RUN_DIR/config.yaml for `cfg`: every key and its value, under a defaults list that makes the file a primary
+    config, so `moetrain-train -cd RUN_DIR -cn config [OVERRIDE ...]` composes exactly `cfg` (plus the overrides).
+
+    The defaults list names the structured schema, the routing method's own schema node (`router: schema_<method>`,
+    without which the method's keys would be unknown), moetrain's Hydra settings, then the file itself, then the
+    groups as open slots. The routing method is the run's: override its keys (router.top_k=...), not `router=`."""
+    defaults = ["train_schema", "moetrain_hydra", {"router": f"schema_{cfg.router.method}"}, "_self_",
+                *({group: None} for group in RUN_CONFIG_GROUPS)]
+    header = ("# moetrain run config: every key and its value. Continue or vary this run with\n"
+              "#   moetrain-train -cd THIS_DIRECTORY -cn config [OVERRIDE ...]\n")
+    return header + OmegaConf.to_yaml({"defaults": defaults}) + OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from moetrain.balance.controller import BalanceController
+from moetrain.config.compose import run_config_yaml
 from moetrain.config.schema import TrainConfig
 from moetrain.data.loader import build_loader
 from moetrain.model.transformer import TransformerLM
@@ -67,7 +68,8 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         if ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+            # a primary config: `moetrain-train -cd RUN_DIR -cn config [OVERRIDE ...]` continues this run's settings
+            (self.run_dir / "config.yaml").write_text(run_config_yaml(cfg))
 
         fssdp = cfg.parallel.fssdp if cfg.parallel.mode == "fssdp" else None
         moe_layer = moe_layer_factory(cfg.router, ctx.ep_group, ctx.world_group, fssdp, cfg.parallel.pipeline_degree)
