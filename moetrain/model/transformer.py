@@ -54,8 +54,9 @@ def check_tokens(tokens_BS: torch.Tensor, cfg: ModelConfig, cache: Optional[KVCa
     batch size) and, on the CPU, every id in [0, model.vocab_size).
 
     The id range is read only on the CPU, where it is one cheap reduction; on an accelerator it would cost a
-    device-to-host sync per forward. The training data path needs no check there: shards store uint8 tokens
-    (ids < 256) and the config validator requires model.vocab_size >= 256.
+    device-to-host sync per forward. The training data path needs no check there: shards are read only with the
+    tokenizer that wrote them (ids below its vocabulary) and the config validator requires model.vocab_size >= that
+    vocabulary.
     """
     if tokens_BS.dim() != 2:
         raise ValueError(f"tokens must have shape (batch, sequence), got shape {tuple(tokens_BS.shape)}")
