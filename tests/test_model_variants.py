@@ -514,3 +514,34 @@ def test_inconsistent_values_are_one_line_errors(tmp_path, extra, message):
     assert message in text, text
     lines = text.splitlines()
     assert len(lines) == 1 or all(line.startswith("  - ") for line in lines[1:]), text
+
+
+# ------------------------------------------------------------------------------------------ parallel layouts
+MLA_RUN = ["model.attention=mla", "model.q_lora_rank=12", "model.kv_lora_rank=16", "model.qk_nope_head_dim=8",
+           "model.qk_rope_head_dim=4", "model.v_head_dim=8", "model.rope_scaling=yarn", "model.rope_factor=4",
+           "model.rope_original_max_seq_len=16", "model.rope_mscale_all_dim=1.0", "model.num_shared_experts=1",
+           "model.shared_expert_hidden=24", "model.shared_expert_gate=true", "router.num_groups=2",
+           "router.topk_groups=1", "router.group_score_topk=1", "trainer.max_steps=4", "trainer.eval_batches=0",
+           "logger.jsonl=true"]
+
+
+def _train_body(rank, world_size, args):
+    from moetrain.cli import train_main
+
+    return train_main(args)
+
+
+def test_mla_model_trains_the_same_under_ep2_with_fsdp(tmp_path):
+    """One process vs 2 gloo ranks (experts split, dense parameters sharded by FSDP2): the same losses."""
+    from moetrain.cli import train_main
+    from tests.distributed import run_distributed
+    from tests.train_utils import losses
+
+    one = overrides(tmp_path / "one", tmp_path / "cache", *MLA_RUN)
+    assert train_main(one) == 0
+    two = overrides(tmp_path / "two", tmp_path / "cache", *MLA_RUN, "parallel.ep=2", "parallel.data_parallel=fsdp")
+    assert run_distributed(_train_body, 2, two) == [0, 0]
+    ref, got = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(got) == sorted(ref) == [1, 2, 3, 4]
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=1e-4, abs=1e-5), (step, got[step], ref[step])
