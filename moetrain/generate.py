@@ -73,9 +73,10 @@ def next_token(logits_BV: torch.Tensor, sampling: SamplingConfig, generator: tor
 
 @torch.no_grad()
 def generate_ids(model: torch.nn.Module, prompt_ids: Sequence[int], sampling: SamplingConfig,
-                 eos_id: Optional[int] = None) -> list[int]:
+                 eos_id: Optional[int] = None, vocab_size: Optional[int] = None) -> list[int]:
     """The new token ids after `prompt_ids` (at most sampling.max_new_tokens, ending at `eos_id` when drawn, which
-    is included), decoded with a KV cache. `model` is a TransformerLM; it is put in eval mode."""
+    is included), decoded with a KV cache. `vocab_size`: only ids below it are drawn (the tokenizer's vocabulary,
+    when the model's embedding is padded beyond it). `model` is a TransformerLM; it is put in eval mode."""
     from moetrain.model.kv_cache import KVCache
 
     sampling.check()
@@ -95,7 +96,7 @@ def generate_ids(model: torch.nn.Module, prompt_ids: Sequence[int], sampling: Sa
     tokens_BS = torch.tensor([list(prompt_ids)], dtype=torch.int64, device=device)
     new: list[int] = []
     for _ in range(sampling.max_new_tokens):
-        logits_BV = model(tokens_BS, cache=cache)[:, -1]
+        logits_BV = model(tokens_BS, cache=cache)[:, -1, :vocab_size]
         tokens_BS = next_token(logits_BV, sampling, generator).view(1, 1)
         new.append(int(tokens_BS))
         if new[-1] == eos_id:
@@ -127,7 +128,7 @@ def generate_text(run_dir: str, prompt: str, sampling: SamplingConfig, step: Opt
     prompt_ids = [int(i) for i in tokenizer.encode(prompt, add_special_tokens=True)]
     if not prompt_ids:
         raise GenerateError("--prompt encodes to no tokens; give some text to continue")
-    new = generate_ids(model, prompt_ids, sampling, tokenizer.eos_id)
+    new = generate_ids(model, prompt_ids, sampling, tokenizer.eos_id, tokenizer.vocab_size)
     shown = new[:-1] if new and new[-1] == tokenizer.eos_id else new
     # Decoding the whole sequence keeps what a tokenizer only renders in context (e.g. sentencepiece's leading space).
     before, full = tokenizer.decode(prompt_ids), tokenizer.decode(prompt_ids + shown)

@@ -89,6 +89,15 @@ def test_generation_stops_at_eos(gqa_model):
         first[:3]
 
 
+def test_only_ids_of_the_tokenizer_are_drawn(gqa_model):
+    """A model's embedding may be padded beyond its tokenizer's vocabulary: those ids are never generated."""
+    full = generate_ids(gqa_model, PROMPT, SamplingConfig(max_new_tokens=12, temperature=2.0))
+    assert max(full) >= 20
+    for sampling in (SamplingConfig(max_new_tokens=12, temperature=2.0), SamplingConfig(max_new_tokens=12,
+                                                                                        greedy=True)):
+        assert max(generate_ids(gqa_model, PROMPT, sampling, vocab_size=20)) < 20
+
+
 @pytest.mark.parametrize("sampling,needle", [
     (SamplingConfig(max_new_tokens=18), "the prompt's 7 tokens + --max-new-tokens 18 = 25 exceed model.max_seq_len=24"),
     (SamplingConfig(max_new_tokens=0), "--max-new-tokens 0 must be >= 1"),
