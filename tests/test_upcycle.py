@@ -12,8 +12,8 @@ from moetrain.interop.run_dir import load_run_model, write_run_dir
 from moetrain.interop.upcycle import upcycle
 from moetrain.model.transformer import TransformerLM
 
-DENSE = ["data.seq_len=32", "model.dim=32", "model.n_layers=3", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=48",
-         "model.num_experts=0", "model.max_seq_len=64", "model.init_std=0.1"]
+DENSE = ["data.seq_len=32", "model.dim=32", "model.n_layers=3", "model.n_heads=4", "model.n_kv_heads=2",
+         "model.ffn_hidden=48", "model.num_experts=0", "model.max_seq_len=64", "model.init_std=0.1"]
 TOKENS = torch.randint(0, 256, (3, 24), generator=torch.Generator().manual_seed(0))
 
 
