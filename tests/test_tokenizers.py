@@ -55,6 +55,19 @@ def test_tokenizer_directory_takes_eos_from_its_config(bpe, tmp_path):
     assert list(tok.encode(TEXT)) == hf(TEXT)["input_ids"]
 
 
+def test_tokenizer_directory_without_tokenizer_json_goes_through_transformers(bpe, tmp_path):
+    """A GPT-2 style directory (vocab.json + merges.txt, no tokenizer.json): AutoTokenizer converts it."""
+    from tokenizers import Tokenizer
+
+    (tmp_path / "slow").mkdir()
+    Tokenizer.from_file(str(bpe)).model.save(str(tmp_path / "slow"))
+    (tmp_path / "slow" / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "GPT2Tokenizer", "eos_token": EOS, "bos_token": EOS, "unk_token": EOS}))
+    slow, fast = load_tokenizer(str(tmp_path / "slow")), load_tokenizer(str(bpe))
+    assert slow.vocab_size == 400 and slow.eos_id == fast.eos_id
+    assert list(slow.encode(TEXT)) == list(fast.encode(TEXT)) and slow.decode(slow.encode(TEXT)) == TEXT
+
+
 def test_ids_dtype_widths():
     assert [ids_dtype(v) for v in (256, 257, 65536, 65537)] == [np.uint8, np.uint16, np.uint16, np.uint32]
 
