@@ -234,6 +234,7 @@ def _refused(src, out, match):
     ({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}}, "rope_type=\"dynamic\""),
     ({"intermediate_size": 30}, "shape"),
     ({"tie_word_embeddings": True}, "lm_head.weight differs"),
+    ({"quantization_config": {"quant_method": "fp8"}}, "quant_method=\"fp8\""),
 ])
 def test_unsupported_settings_are_refused(hf_models, tmp_path, changes, match):
     _refused(_edited(hf_models, tmp_path, "mixtral", **changes), tmp_path / "out", match)
@@ -282,6 +283,21 @@ def test_export_refuses_what_the_format_cannot_hold(hf_models, tmp_path):
     with pytest.raises(ConvertError, match="--arch gpt2"):
         export_hf(tmp_path / "run", tmp_path / "hf", arch="gpt2")
     assert not (tmp_path / "hf").exists()
+
+
+def test_older_config_files_map_the_same(hf_models):
+    """Hub files written before transformers 5 keep rope in `rope_theta` + `rope_scaling` (with "type") and Qwen3-MoE's
+    expert count in `num_experts`; they map as the transformers 5 keys do."""
+    for name in ("deepseek_v3", "qwen3_moe"):
+        new = json.loads((hf_models[name][0] / "config.json").read_text())
+        old = dict(new)
+        params = dict(old.pop("rope_parameters"))
+        old["rope_theta"] = params.pop("rope_theta")
+        kind = params.pop("rope_type")
+        old["rope_scaling"] = None if kind == "default" else {"type": kind, **params}
+        if "num_local_experts" in old:
+            old["num_experts"] = old.pop("num_local_experts")
+        assert hf_config_to_moetrain(old) == hf_config_to_moetrain(new)
 
 
 def test_config_mapping_for_upcycling_and_reader(hf_models):

@@ -34,7 +34,12 @@ DEFAULT_MAX_SHARD_SIZE = "5GB"
 def hf_config_to_moetrain(hf_config: dict) -> tuple[dict, dict]:
     """(model keys, router keys) of a config.json dict; a ConvertError names the first setting moetrain cannot
     represent."""
-    return family_for(hf_config).to_moetrain(hf_config)
+    family = family_for(hf_config)
+    if hf_config.get("quantization_config"):
+        method = hf_config["quantization_config"].get("quant_method", "?")
+        raise c.refuse("quantization_config.quant_method", method, "quantized checkpoints do not import; "
+                       "dequantize the weights to bf16 or fp32 first")
+    return family.to_moetrain(hf_config)
 
 
 def _pinned(overrides: Sequence[str]) -> set[str]:
