@@ -228,6 +228,8 @@ def import_hf(src: Path, out: Path, overrides: Sequence[str] = ()) -> Path:
     from moetrain.train import checkpoint as ckpt_io
 
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConvertError(f"--out {out} is a file; give a directory path")
     existing = ckpt_io.find_latest(out / "checkpoints")
     if existing is not None:
         raise ConvertError(f"{out} already holds a checkpoint ({existing}); choose a new --out directory or remove "
