@@ -49,7 +49,8 @@ class KVCache:
     @classmethod
     def create(cls, model_cfg: ModelConfig, batch_size: int, max_len: int, device=None,
                dtype: torch.dtype = torch.float32) -> "KVCache":
-        """Empty buffers for every layer of `model_cfg` (max_len <= model.max_seq_len)."""
+        """Empty buffers for every layer of `model_cfg` (max_len <= model.max_seq_len); `dtype` is the dtype the
+        attention computes in (the model's parameters' dtype, or the autocast dtype), `device` the model's."""
         if not 1 <= max_len <= model_cfg.max_seq_len:
             raise ValueError(f"cache length {max_len} must be between 1 and model.max_seq_len={model_cfg.max_seq_len}")
         if batch_size < 1:
