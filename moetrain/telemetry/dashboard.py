@@ -76,7 +76,8 @@ def dashboard_sections(moe_layers: Sequence[int]) -> list[tuple[str, list[PanelS
     bias = [PanelSpec(f"router bias {stat[5:]}, every MoE layer", regex=_every_layer(stat))
             for stat in ("bias_std", "bias_min", "bias_max")]
     ranks = [
-        PanelSpec("busiest rank's load / mean rank load, every MoE layer", regex=_every_layer("rank_load_max_over_mean")),
+        PanelSpec("busiest rank's load / mean rank load, every MoE layer",
+                  regex=_every_layer("rank_load_max_over_mean")),
         PanelSpec("dropped fraction (capacity mode), every MoE layer", regex=_every_layer("dropped_frac")),
         PanelSpec("pipeline degree, every MoE layer", regex=_every_layer("pipeline_degree")),
     ]
