@@ -57,7 +57,7 @@ class Family:
 
     @classmethod
     def read(cls, hf: dict) -> dict:
-        return {**cls.defaults, **{k: v for k, v in hf.items()}}
+        return {**cls.defaults, **hf}
 
     @classmethod
     def to_moetrain(cls, hf: dict) -> tuple[dict, dict]:

@@ -13,7 +13,6 @@ the same way (RMSNorm is equivariant to a permutation of its features).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -123,7 +122,8 @@ def rope_settings(hf: dict, *, truncate_ok: bool = True) -> dict:
     if not (mscale and mscale_all_dim):  # transformers then uses 0.1 ln(factor) + 1 alone
         mscale, mscale_all_dim = 1.0, 0.0
     out.update(rope_scaling="yarn", rope_factor=float(factor), rope_original_max_seq_len=int(original),
-               rope_beta_fast=float(params.get("beta_fast") or 32.0), rope_beta_slow=float(params.get("beta_slow") or 1.0),
+               rope_beta_fast=float(params.get("beta_fast") or 32.0),
+               rope_beta_slow=float(params.get("beta_slow") or 1.0),
                rope_mscale=float(mscale), rope_mscale_all_dim=float(mscale_all_dim))
     return out
 
@@ -267,10 +267,6 @@ def embeddings(m: TensorMap, model) -> None:
 def norms(m: TensorMap, i: int) -> None:
     m.add(f"layers.{i}.attn_norm.weight", f"model.layers.{i}.input_layernorm.weight")
     m.add(f"layers.{i}.ffn_norm.weight", f"model.layers.{i}.post_attention_layernorm.weight")
-
-
-def near(a: float, b: float) -> bool:
-    return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
 
 
 def none_if_zero(value: int) -> Optional[int]:
