@@ -1,6 +1,7 @@
 """Import a DeepSpeed-MoE engine checkpoint into a moetrain run directory (`moetrain-convert SRC --from deepspeed`).
 
-Legend: E experts, D model dim, F expert hidden dim, P the module path of a DeepSpeed MoE layer, i a layer index.
+Legend: E experts, D model dim, F expert hidden dim, P the module path of a DeepSpeed MoE layer, i a layer index,
+L the MoE layers in DeepSpeed's module order.
 
 The MoE layers (`deepspeed.moe.layer.MoE` with a SwiGLU expert of three bias-free linears) map as
 
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+import torch.distributed as dist
 
 from moetrain.interop import ConvertError
 from moetrain.interop import deepspeed_files as files
@@ -180,8 +182,6 @@ def import_deepspeed(src: Path, out: Path, overrides: Sequence[str] = ()) -> Pat
     from moetrain.config.validate import validate
     from moetrain.interop.run_dir import write_run_dir
     from moetrain.model.transformer import TransformerLM
-
-    import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         raise ConvertError("the DeepSpeed import runs as one process (moetrain-convert without torchrun); the run "
