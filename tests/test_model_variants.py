@@ -158,7 +158,8 @@ def test_gqa_parameter_shapes_follow_the_options():
 
 
 def test_mla_parameter_names_and_shapes():
-    shapes = {k: tuple(v.shape) for k, v in MLAttention(model_cfg(**MLA_VARIANTS["mla_q_lora_yarn"])).state_dict().items()}
+    attn = MLAttention(model_cfg(**MLA_VARIANTS["mla_q_lora_yarn"]))
+    shapes = {k: tuple(v.shape) for k, v in attn.state_dict().items()}
     assert shapes == {"wq_a.weight": (10, 32), "q_norm.weight": (10,), "wq_b.weight": (4 * 12, 10),
                       "wkv_a.weight": (12 + 4, 32), "kv_norm.weight": (12,), "wkv_b.weight": (4 * (8 + 6), 12),
                       "wo.weight": (32, 4 * 6)}
@@ -498,7 +499,8 @@ def test_deepseek_v3_preset_is_the_published_size():
     (["model.rope_scaling=ntk"], "model.rope_scaling='ntk' is unknown; use none or yarn"),
     (["model.rope_scaling=yarn", "model.rope_original_max_seq_len=4096"],
      "model.rope_scaling=yarn needs model.rope_factor > 1"),
-    (["model.rope_scaling=yarn", "model.rope_factor=4"], "model.rope_scaling=yarn needs model.rope_original_max_seq_len"),
+    (["model.rope_scaling=yarn", "model.rope_factor=4"],
+     "model.rope_scaling=yarn needs model.rope_original_max_seq_len"),
     (["model.rope_factor=4"], "model.rope_factor=4.0 is only read with model.rope_scaling=yarn"),
     (["model.rope_factor=0.5"], "model.rope_factor=0.5 must be >= 1"),
     (["model.shared_expert_gate=true"], "model.shared_expert_gate=True needs shared experts"),

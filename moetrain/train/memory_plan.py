@@ -9,9 +9,10 @@ prints the result (`format_plan`); docs/memory.md explains the rows and lists th
 Legend: W world size, ep expert-parallel size (mode=ep; the expert-data-parallel size is W/ep), dpr
 parallel.dp_replicate (HSDP replicas), B micro-batch, S sequence length, T = B*S tokens per rank and micro-batch,
 D model dim, H query heads, Dq = H * head dim, Dkv = n_kv_heads * head dim, Fd dense FFN hidden, F expert hidden,
-Fs the shared experts' hidden size (default F * shared experts), X router choices (E plus virtual experts), E routed experts per MoE layer, K routed experts per token (the
-method's `experts_per_token`; top_k for top-k routing), L layers (Lm of them MoE), V vocabulary, X_e = 3*D*F elements
-of one expert, b bytes of the compute dtype (4 fp32, 2 bf16; parameters, gradients and optimizer state stay fp32).
+Fs the shared experts' hidden size (default F * shared experts), X router choices (E plus virtual experts), E routed
+experts per MoE layer, K routed experts per token (the method's `experts_per_token`; top_k for top-k routing), L layers
+(Lm of them MoE), V vocabulary, X_e = 3*D*F elements of one expert, b bytes of the compute dtype (4 fp32, 2 bf16;
+parameters, gradients and optimizer state stay fp32).
 
 Experts per rank and layer, E_loc:  mode=ep: E/ep;  mode=fssdp: E/W (one owner each).
 Parameters (fp32 master weights), per rank, 4 bytes per element of the local tensors:

@@ -94,9 +94,9 @@ def select_topk(biased_TE: torch.Tensor, k: int, num_groups: int = 1, topk_group
 
     group_E: the group of each expert, int64 in [0, num_groups), groups of any size; None: `num_groups` equal
     expert-id ranges. A group's score is the sum of its top-min(m, group size) biased scores, m = group_score_topk,
-    or max(1, k // topk_groups) when that is 0; an empty group never wins. The chosen groups must hold at least k experts together (validation
-    ensures it for equal groups: top_k <= topk_groups * E / num_groups). A general map costs two sorts of T x E and no
-    host synchronisation:
+    or max(1, k // topk_groups) when that is 0; an empty group never wins. The chosen groups must hold at least k
+    experts together (validation ensures it for equal groups: top_k <= topk_groups * E / num_groups). A general map
+    costs two sorts of T x E and no host synchronisation:
         vals_TE, idx_TE = sort(biased_TE, descending)           # best first
         order_TE = stable sort of group_E[idx_TE]              # each group contiguous, still best first
         group_score_TG[t, g] = sum_{j < min(m, size_G[g])} vals_TE[t, order_TE[t, start_G[g] + j]]
