@@ -167,8 +167,13 @@ def save_one(deepspeed, rank, spec, names, out_dir):
         logits = engine(eval_tokens)
     for h in hooks:
         h.remove()
-    # A harmless non-tensor object in the client state, as Megatron-DeepSpeed stores its `args`.
-    engine.save_checkpoint(out_dir, client_state={"args": argparse.Namespace(lr=1e-2)})
+    # The allow-listed non-tensor objects (read as inert placeholders): Megatron-DeepSpeed's `args`, and the loss
+    # scaler that fp16 training keeps in the optimizer state (placed in the client state here: fp16 needs a GPU).
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+
+    scaler = DynamicLossScaler(init_scale=2.0**16, scale_window=1000, min_scale=1, delayed_shift=2,
+                               consecutive_hysteresis=False)
+    engine.save_checkpoint(out_dir, client_state={"args": argparse.Namespace(lr=1e-2), "loss_scaler": scaler})
     return {"tokens": eval_tokens, "logits": logits, "moe_outs": outs}
 
 
