@@ -16,23 +16,23 @@ from hydra.core.config_store import ConfigStore
 
 @dataclass
 class ModelConfig:
-    name: str = "tiny"
-    vocab_size: int = 256
-    dim: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = 2
-    max_seq_len: int = 1024
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
+    name: str = "tiny"  # the preset's name (runs go to runs/<name> by default)
+    vocab_size: int = 256  # token ids are in [0, vocab_size): at least the tokenizer's vocabulary (256 for bytes)
+    dim: int = 128  # D, the model (residual stream) width
+    n_layers: int = 4  # transformer blocks
+    n_heads: int = 4  # attention (query) heads
+    n_kv_heads: int = 2  # key/value heads (grouped-query attention); divides n_heads
+    max_seq_len: int = 1024  # the longest sequence the model accepts (training and generation); >= data.seq_len
+    rope_theta: float = 10000.0  # the RoPE base
+    norm_eps: float = 1e-5  # RMSNorm's epsilon
     ffn_hidden: int = 512  # hidden size of the dense SwiGLU FFN layers
     num_experts: int = 8  # E, routed experts per MoE layer
     moe_hidden: int = 256  # F, hidden size of one routed expert
     num_shared_experts: int = 0  # shared experts, each of hidden size moe_hidden, fused into one SwiGLU
     first_k_dense: int = 1  # the first k layers use the dense FFN
     moe_every: int = 1  # after those, every n-th layer is MoE (the others dense)
-    tie_embeddings: bool = False
-    init_std: float = 0.02
+    tie_embeddings: bool = False  # the output projection shares the token embedding matrix
+    init_std: float = 0.02  # std of the normal initial weights
     # attention (moetrain/model/attention.py, moetrain/model/mla.py; docs/architecture.md)
     head_dim: int = 0  # per-head dim of q/k/v; 0: dim // n_heads (Qwen3 sets it explicitly)
     attention: str = "gqa"  # gqa | mla (Multi-head Latent Attention, DeepSeek-V2/V3)
@@ -65,7 +65,7 @@ class RouterConfig:
     selected with its preset (`router=<method>`), whose defaults list names the subclass (`schema_<method>`)."""
 
     method: str = "topk"  # the routing method (set by the preset; see moetrain/moe/routers)
-    top_k: int = 2
+    top_k: int = 2  # K, experts per token (for expert choice: on average)
     score_func: str = "softmax"  # softmax | sigmoid
     norm_topk_prob: bool = True  # renormalise the k selected gates to sum to one
     route_scale: float = 1.0  # gates are multiplied by this after (optional) renormalisation
@@ -113,15 +113,15 @@ class ParallelConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
-    lr: float = 3e-3
+    name: str = "adamw"  # the optimizer
+    lr: float = 3e-3  # the peak learning rate, reached after warmup_steps
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 20
+    warmup_steps: int = 20  # linear warm-up: lr * (step + 1) / warmup_steps for the first steps
     schedule: str = "cosine"  # cosine | constant
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
+    weight_decay: float = 0.1  # AdamW's decoupled decay, on matrices except the token embedding
+    beta1: float = 0.9  # Adam's first-moment decay
+    beta2: float = 0.95  # Adam's second-moment decay
+    eps: float = 1e-8  # Adam's epsilon
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     impl: str = "auto"  # auto | fused | foreach | apex
 
@@ -132,38 +132,38 @@ class DataConfig:
     path: Optional[str] = None  # shard directory for name=shards
     cache_dir: Optional[str] = None  # where the embedded corpus is cached; default ~/.cache/moetrain
     tokenizer: str = "bytes"  # bytes | PATH to a tokenizer.json or a Hugging Face tokenizer directory (hf extra)
-    seq_len: int = 128
+    seq_len: int = 128  # S, tokens per training sequence
     global_batch_size: int = 16  # sequences per optimizer step, over all data-parallel ranks
     micro_batch_size: int = 8  # sequences per forward on one rank
-    val_fraction: float = 0.05
+    val_fraction: float = 0.05  # the fraction of the corpus held out for validation
     max_corpus_bytes: int = 8_000_000  # cap on the embedded corpus size
 
 
 @dataclass
 class LoggerConfig:
-    console: bool = True
-    jsonl: bool = True
-    tensorboard: bool = False
-    wandb: bool = False
-    wandb_project: str = "moetrain"
+    console: bool = True  # one line per logged step on stdout (rank 0)
+    jsonl: bool = True  # RUN_DIR/metrics.jsonl, one JSON object per logged step
+    tensorboard: bool = False  # RUN_DIR/tensorboard/ (needs tensorboard)
+    wandb: bool = False  # Weights & Biases, files under RUN_DIR/wandb/ (needs wandb)
+    wandb_project: str = "moetrain"  # the wandb project the run is logged to
     wandb_mode: str = "offline"  # offline | online | disabled
-    wandb_run_name: Optional[str] = None
+    wandb_run_name: Optional[str] = None  # null: wandb picks a name
     heatmap_every: int = 100  # wandb: one layer x expert load heatmap per this many steps, at the first logged step
                               # of each window (titled with its step); 0: none
 
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 300
-    seed: int = 0
-    log_every: int = 10
+    max_steps: int = 300  # optimizer steps to train for
+    seed: int = 0  # seeds the initial weights and the data order
+    log_every: int = 10  # steps between logged metrics (and console lines)
     eval_every: int = 100  # 0 disables periodic evaluation (a final one still runs)
     eval_batches: int = 8  # global validation batches (eval_batches * data.global_batch_size windows); 0: no eval
     checkpoint_every: int = 0  # 0 disables periodic checkpoints (a final one is still written)
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # the newest checkpoints kept; older ones are deleted
     max_bad_steps: int = 3  # stop after this many consecutive steps with a non-finite loss or gradient norm
     resume: str = "auto"  # auto | none | PATH to a checkpoint directory
-    run_dir: str = "runs/${model.name}"
+    run_dir: str = "runs/${model.name}"  # config.yaml, metrics.jsonl, checkpoints/ (rank 0 creates it)
     device: str = "auto"  # auto | cpu | cuda
     dry_run: bool = False  # print parameter counts and exit
     dry_run_world_size: int = 0  # the world size the dry run plans memory for (0: the launched processes)
