@@ -53,7 +53,12 @@ def upcycle(src, out, num_experts: int, split: int = 1, noise_std: float = 0.0, 
     from moetrain.interop.run_dir import write_run_dir
     from moetrain.train import checkpoint as ckpt
 
+    import torch.distributed as dist
+
     src, out = Path(src), Path(out)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise ConvertError("--upcycle runs in one process; run moetrain-convert without torchrun (the run directory "
+                           "it writes trains under any parallel layout)")
     _check_arguments(num_experts, split, noise_std, seed)
     existing = ckpt.find_latest(out / "checkpoints")
     if existing is not None:
