@@ -17,7 +17,9 @@ Every problem the user can fix is a ConfigError here, which moetrain-train print
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -92,8 +94,26 @@ def parse_command_line(argv: Sequence[str]) -> Command:
     return command
 
 
+@contextmanager
+def _own_logging():
+    """Give the root logger back as it was: --info and sweeps configure Python logging for Hydra's messages, which
+    must not outlive the command when moetrain-train is called in-process (tests, notebooks)."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
 def run_command(command: Command) -> int:
     """Everything but a single run: help, --cfg, --info, a sweep."""
+    with _own_logging():
+        return _run_command(command)
+
+
+def _run_command(command: Command) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
