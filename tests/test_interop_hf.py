@@ -285,6 +285,33 @@ def test_export_refuses_what_the_format_cannot_hold(hf_models, tmp_path):
     assert not (tmp_path / "hf").exists()
 
 
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # transformers' size-0 shared expert
+@torch.no_grad()
+def test_a_native_moetrain_model_exports(tmp_path):
+    """A model trained from scratch with moetrain's defaults (a dense first layer, no shared experts, no q/k norms)
+    exports as Qwen2-MoE with a zero-size shared expert; transformers computes its logits, and it imports back
+    bit-exactly."""
+    from moetrain.config.compose import compose_config
+    from moetrain.interop.run_dir import write_run_dir
+    from moetrain.model.transformer import TransformerLM
+
+    cfg = compose_config(["model.dim=40", "model.n_layers=3", "model.n_heads=4", "model.n_kv_heads=2",
+                          "model.ffn_hidden=56", "model.num_experts=4", "model.moe_hidden=24",
+                          "model.first_k_dense=1", "model.vocab_size=263", *DATA])
+    model = TransformerLM(cfg.model, cfg.router)
+    model.init_weights(3)
+    write_run_dir(tmp_path / "run", cfg, model)
+    export_hf(tmp_path / "run", tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["model_type"] == "qwen2_moe" and config["shared_expert_intermediate_size"] == 0
+    assert config["mlp_only_layers"] == [0] and config["qkv_bias"] is False
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert (model(TOKENS) - _hf_logits(hf)).abs().max().item() <= 1e-4
+    _, back = load_hf_model(tmp_path / "hf", DATA)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, back.state_dict()[key]), key
+
+
 def test_older_config_files_map_the_same(hf_models):
     """Hub files written before transformers 5 keep rope in `rope_theta` + `rope_scaling` (with "type") and Qwen3-MoE's
     expert count in `num_experts`; they map as the transformers 5 keys do."""

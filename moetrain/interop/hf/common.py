@@ -227,6 +227,8 @@ class TensorMap:
     experts: list[Experts] = field(default_factory=list)
     zeros: list[str] = field(default_factory=list)  # moetrain tensors the format lacks: zero on import, and must be
                                                     # zero to export (the balancing bias of a softmax router)
+    constants: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)  # checkpoint tensors moetrain lacks
+                                                    # whose zeros make them do nothing: written as zeros, not read
 
     def add(self, moe: str, hf: str, **kw) -> None:
         self.tensors.append(Tensor(moe, hf, **kw))

@@ -154,6 +154,10 @@ def check_checkpoint(ckpt: HFCheckpoint, tmap: c.TensorMap, state: dict, model: 
                 if ckpt.shape(key) != want:
                     raise _shape_error(key, ckpt.shape(key), want)
                 used.add(key)
+    for key, shape in tmap.constants:  # present or not, never read (transformers fills what is absent)
+        if key in ckpt and ckpt.shape(key) != shape:
+            raise _shape_error(key, ckpt.shape(key), shape)
+        used.add(key)
     for key in ckpt.keys():
         if key in used or family.ignored(key, model):
             continue
@@ -250,7 +254,8 @@ def family_for_model(cfg: TrainConfig) -> type[Family]:
         return FAMILIES["olmoe"]
     if m.qk_norm == "head":
         return FAMILIES["qwen3_moe"]
-    if m.shared_expert_gate or m.qkv_bias:
+    all_moe = len(c.moe_layers(m)) == m.n_layers
+    if m.shared_expert_gate or m.qkv_bias or not all_moe or not cfg.router.norm_topk_prob:
         return FAMILIES["qwen2_moe"]
     return FAMILIES["mixtral"]
 
@@ -270,6 +275,8 @@ def hf_tensors(model: torch.nn.Module, cfg: TrainConfig, family: type[Family]) -
         if t.hf not in written:  # tied embeddings: one tensor
             written.add(t.hf)
             yield t.hf, t.to_hf(state[t.moe]).contiguous()
+    for key, shape in tmap.constants:
+        yield key, torch.zeros(shape)
     for ex in tmap.experts:
         w1, w3, w2 = (state[f"{ex.moe}.{w}"] for w in ("w1_EDF", "w3_EDF", "w2_EFD"))
         for e in range(w1.shape[0]):

@@ -43,6 +43,10 @@ class QwenMoE(LlamaLike):
 
 @register
 class Qwen2MoE(QwenMoE):
+    """A moetrain MoE without shared experts exports as a Qwen2-MoE whose shared expert has size 0 (zero-size
+    tensors and a zero gate: transformers computes sigmoid(.) * 0 = 0), and such a file imports without one: so any
+    GQA MoE with dense layers, q/k/v biases or not, has a Hugging Face form."""
+
     model_type = "qwen2_moe"
     architecture = "Qwen2MoeForCausalLM"
     defaults = {**QWEN_DEFAULTS, "qkv_bias": True}
@@ -51,26 +55,34 @@ class Qwen2MoE(QwenMoE):
     @classmethod
     def moe_to_moetrain(cls, hf: dict, model: dict) -> tuple[dict, dict]:
         moe, router = super().moe_to_moetrain(hf, model)
-        shared = c.require(hf, "shared_expert_intermediate_size")
-        if shared <= 0:
-            raise c.refuse("shared_expert_intermediate_size", shared, "moetrain needs a positive shared expert size")
-        moe.update(num_shared_experts=1, shared_expert_hidden=shared, shared_expert_gate=True)
+        shared = hf.get("shared_expert_intermediate_size", 5632)  # transformers' default
+        if not isinstance(shared, int) or shared < 0:
+            raise c.refuse("shared_expert_intermediate_size", shared, "must be a size >= 0")
+        if shared:
+            moe.update(num_shared_experts=1, shared_expert_hidden=shared, shared_expert_gate=True)
         return moe, router
 
     @classmethod
     def moe_to_hf(cls, cfg: TrainConfig) -> dict:
         m = cfg.model
-        if m.num_shared_experts == 0 or not m.shared_expert_gate:
-            raise ConvertError(f"model.num_shared_experts={m.num_shared_experts}, model.shared_expert_gate="
-                               f"{m.shared_expert_gate}: every Qwen2-MoE layer has one gated shared expert")
-        return {**super().moe_to_hf(cfg),
-                "shared_expert_intermediate_size": m.shared_expert_hidden or m.num_shared_experts * m.moe_hidden}
+        if m.num_shared_experts > 0 and not m.shared_expert_gate:
+            raise ConvertError(f"model.num_shared_experts={m.num_shared_experts} with model.shared_expert_gate=false: "
+                               f"Qwen2-MoE's shared expert is gated (model.shared_expert_gate=true)")
+        shared = (m.shared_expert_hidden or m.num_shared_experts * m.moe_hidden) if m.num_shared_experts else 0
+        return {**super().moe_to_hf(cfg), "shared_expert_intermediate_size": shared}
 
     @classmethod
     def moe_tensors(cls, m: c.TensorMap, i: int, model: ModelConfig) -> None:
         super().moe_tensors(m, i, model)
-        c.swiglu(m, f"layers.{i}.ffn.shared_experts", f"model.layers.{i}.mlp.shared_expert")
-        m.add(f"layers.{i}.ffn.shared_gate.weight", f"model.layers.{i}.mlp.shared_expert_gate.weight")
+        shared, gate = f"model.layers.{i}.mlp.shared_expert", f"model.layers.{i}.mlp.shared_expert_gate.weight"
+        if model.num_shared_experts:
+            c.swiglu(m, f"layers.{i}.ffn.shared_experts", shared)
+            m.add(f"layers.{i}.ffn.shared_gate.weight", gate)
+            return
+        D = model.dim
+        for name, shape in (("gate_proj", (0, D)), ("up_proj", (0, D)), ("down_proj", (D, 0))):
+            m.constants.append((f"{shared}.{name}.weight", shape))
+        m.constants.append((gate, (1, D)))
 
 
 @register
