@@ -74,6 +74,13 @@ def test_cfg_prints_job_hydra_and_packages(capsys, empty_cwd):
     one_error_line(capsys)
 
 
+def test_hydra_help_and_shell_completion(capsys, empty_cwd):
+    assert train_main(["--hydra-help"]) == 0
+    assert "hydra/launcher: basic" in capsys.readouterr().out
+    assert train_main(["-sc", "install=bash"]) == 0
+    assert "complete -o nospace -o default -F hydra_bash_completion" in capsys.readouterr().out  # for sys.argv[0]
+
+
 def test_info_shows_the_defaults_list(capsys, empty_cwd):
     assert train_main(["--info", "defaults", "model=small"]) == 0
     out = capsys.readouterr().out
@@ -138,6 +145,21 @@ def test_basic_sweep_one_run_directory_per_job(tmp_path, cache_dir, capsys, empt
     run = sweep / "router.top_k=2"
     assert train_main(["-cd", str(run), "-cn", "config", "trainer.max_steps=5"]) == 0
     assert [row["step"] for row in read_metrics(run) if "loss" in row] == [1, 2, 3, 4, 5]
+
+
+def test_optuna_sweeper_minimises_the_final_loss(tmp_path, cache_dir, capsys, empty_cwd, one_thread):
+    """hydra/sweeper=optuna (where hydra-optuna-sweeper is installed): each trial is a job whose return value, the
+    run's final loss, is the objective."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    sweep = tmp_path / "sweep"
+    args = ["-m", *FAST, f"data.cache_dir={cache_dir}", f"hydra.sweep.dir={sweep}", "hydra/sweeper=optuna",
+            "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=1", "hydra.sweeper.sampler.seed=0",
+            "optim.lr=tag(log, interval(1e-4, 1e-2))"]
+    assert train_main(args) == 0
+    trials = {float(p.name.split("=")[1]): losses(p)[3] for p in sweep.glob("optim.lr=*")}
+    assert len(trials) == 2
+    results = (sweep / "optimization_results.yaml").read_text()
+    assert f"best_value: {min(trials.values())}" in results
 
 
 def _torchrun(run_dir: Path, cache_dir: Path, *extra: str) -> subprocess.Popen:

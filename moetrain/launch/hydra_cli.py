@@ -125,7 +125,7 @@ def _run_command(command: Command) -> int:
         if command.action == "help":
             print(help_text(hydra, name))
         elif command.action == "hydra_help":
-            hydra.hydra_help(config_name=name, args_parser=_parser(), args=None)
+            hydra.hydra_help(config_name=name, args_parser=_parser(), args=argparse.Namespace(overrides=overrides))
         elif command.action == "cfg":
             if command.cfg_type in ("job", "all"):  # unknown `+keys` and type errors as one line first
                 from moetrain.config.compose import compose_dictconfig
