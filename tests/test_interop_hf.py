@@ -341,9 +341,12 @@ def test_config_mapping_for_upcycling_and_reader(hf_models):
 def test_command_line(hf_models, tmp_path, capsys):
     src = hf_models["deepseek_v3"][0]
     assert convert_main([str(src), "--out", str(tmp_path / "run"), *DATA]) == 0
-    assert convert_main([str(tmp_path / "run"), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
-    assert (tmp_path / "hf" / "model.safetensors").is_file()
-    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "deepseek_v3"
+    assert convert_main([str(tmp_path / "run"), "--to", "hf", "--out", str(tmp_path / "hf"),
+                         "--dtype", "bfloat16"]) == 0
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["model_type"] == "deepseek_v3" and config["dtype"] == "bfloat16"
+    with read_hf_state(tmp_path / "hf") as ckpt:
+        assert ckpt.get("lm_head.weight").dtype == torch.bfloat16
     capsys.readouterr()
     assert convert_main([str(src), "--out", str(tmp_path / "run")]) == 2
     assert convert_main([str(tmp_path / "run"), "--to", "hf", "--out", str(tmp_path / "hf2"), "model.dim=8"]) == 2

@@ -1,7 +1,7 @@
 """moetrain-convert: move models in and out of moetrain run directories (docs/interop.md).
 
     moetrain-convert SRC --out OUT [--from auto|hf|moetrain|deepspeed] [--to moetrain|hf] [--step N]
-                     [--arch MODEL_TYPE] [--max-shard-size SIZE]
+                     [--arch MODEL_TYPE] [--max-shard-size SIZE] [--dtype float32|bfloat16|float16]
                      [--upcycle --num-experts E [--split G] [--noise STD] [--seed S]] [OVERRIDE ...]
 
     hf -> moetrain          import a Hugging Face model directory (moetrain.interop.hf.import_hf)
@@ -39,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
                                                 "model's structure names, e.g. mixtral, qwen3_moe, deepseek_v3)")
     p.add_argument("--max-shard-size", default=None, help="export: largest safetensors shard (default 5GB); more "
                                                           "goes into several shards with an index")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="export: the weights' dtype (default float32: exact; bfloat16 halves the size)")
     p.add_argument("--upcycle", action="store_true", help="build an MoE from a dense model")
     p.add_argument("--num-experts", type=int, default=None, help="upcycling: routed experts per MoE layer")
     p.add_argument("--split", type=int, default=1, help="upcycling: split each FFN into this many fine experts")
@@ -88,8 +90,9 @@ def convert(args: argparse.Namespace) -> object:
         from moetrain.interop.hf import export_hf
 
         kwargs = {} if args.max_shard_size is None else {"max_shard_size": args.max_shard_size}
-        return export_hf(src, out, step=args.step, arch=args.arch, **kwargs)
-    for flag, value in (("--step", args.step), ("--arch", args.arch), ("--max-shard-size", args.max_shard_size)):
+        return export_hf(src, out, step=args.step, arch=args.arch, dtype=args.dtype or "float32", **kwargs)
+    for flag, value in (("--step", args.step), ("--arch", args.arch), ("--max-shard-size", args.max_shard_size),
+                        ("--dtype", args.dtype)):
         if value is not None:
             raise ConvertError(f"{flag} is an export option (--to hf)")
     if source == "hf":

@@ -13,6 +13,7 @@ Export:  the run loaded in one process -> the family (`arch`, or the one the mod
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -284,15 +285,20 @@ def hf_tensors(model: torch.nn.Module, cfg: TrainConfig, family: type[Family]) -
                 yield key, w.T.contiguous()
 
 
+EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def export_hf(src: Path, out: Path, step: Optional[int] = None, arch: Optional[str] = None,
-              max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> list[Path]:
+              max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE, dtype: str = "float32") -> list[Path]:
     """Write the run (or checkpoint) `src` as a Hugging Face model directory `out` (config.json + safetensors in the
     hub layout, sharded with an index above `max_shard_size`); `arch`: the model_type to write (default: the one the
-    model's structure names). Returns the files written."""
+    model's structure names); `dtype`: float32 (exact) | bfloat16 | float16 (rounded). Returns the files written."""
     from moetrain.interop.run_dir import load_run_model
 
     out = Path(out)
     limit = parse_size(max_shard_size)
+    if dtype not in EXPORT_DTYPES:
+        raise ConvertError(f"--dtype {dtype} is not a dtype the export writes; use {', '.join(EXPORT_DTYPES)}")
     if out.exists() and not out.is_dir():
         raise ConvertError(f"--out {out} is a file; give a directory path")
     clash = [p.name for p in (out / CONFIG_FILE, out / SINGLE_FILE, out / INDEX_FILE) if p.exists()]
@@ -301,14 +307,14 @@ def export_hf(src: Path, out: Path, step: Optional[int] = None, arch: Optional[s
         raise ConvertError(f"{out} already holds a Hugging Face model ({clash[0]}); choose a new --out directory")
     cfg, model = load_run_model(src, step)
     family = family_named(arch) if arch else family_for_model(cfg)
-    hf_config = family.to_hf(cfg)
+    hf_config = {**family.to_hf(cfg), "dtype": dtype}
     tensors = hf_tensors(model, cfg, family)
     first = next(tensors)  # runs the bias check before anything is written
     out.mkdir(parents=True, exist_ok=True)
 
     def all_tensors():
-        yield first
-        yield from tensors
+        for name, tensor in itertools.chain([first], tensors):
+            yield name, tensor.to(EXPORT_DTYPES[dtype])
 
     files = write_safetensors(out, all_tensors(), limit)
     (out / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
