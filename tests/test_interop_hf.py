@@ -177,14 +177,19 @@ def _ep_body(rank, world, sources, out):
         held = {m.layer_id: list(m.experts.expert_ids) for m in model.moe_layers()}
         with torch.no_grad():
             results[name] = (model(TOKENS), held, list(read))
+    read.clear()
+    cfg, model = load_hf_model(sources["mixtral"], DATA + ["parallel.mode=fssdp"])  # experts owned, not split
+    with torch.no_grad():
+        results["fssdp"] = (model(TOKENS), {m.layer_id: list(m.experts.expert_ids) for m in model.moe_layers()},
+                            list(read))
     import_hf(sources["mixtral"], out, DATA + ["parallel.ep=2"])  # the collective write
     return results
 
 
 def test_import_under_expert_parallelism(hf_models, tmp_path):
     """parallel.ep=2 on 2 gloo ranks: each rank holds (and reads) only its half of the experts (more than one per
-    rank), and the layer-parallel model computes transformers' logits; the run directory written collectively loads
-    in one process with the same weights."""
+    rank), and the layer-parallel model computes transformers' logits; likewise under parallel.mode=fssdp (each rank
+    owning its experts); the run directory written collectively loads in one process with the same weights."""
     sources = {name: hf_models[name][0] for name in MOE_ARCHS}
     results = run_distributed(_ep_body, 2, sources, tmp_path / "run")
     for name in MOE_ARCHS:
@@ -197,6 +202,12 @@ def test_import_under_expert_parallelism(hf_models, tmp_path):
                 assert ids == list(range(rank * E // 2, (rank + 1) * E // 2)) and len(ids) > 1
             experts_read = {int(k.split(".experts.")[1].split(".")[0]) for k in read if ".experts." in k}
             assert experts_read == set(held[next(iter(held))]), (name, rank, experts_read)
+    for rank, per_rank in enumerate(results):  # FSSDP: each rank owns (and reads) its experts too
+        logits, held, read = per_rank["fssdp"]
+        assert (logits - _hf_logits(hf_models["mixtral"][1])).abs().max().item() <= 1e-4
+        owned = set(held[0])
+        assert len(owned) == 3 and {int(k.split(".experts.")[1].split(".")[0]) for k in read if ".experts." in k} \
+            == owned
     _, single = load_hf_model(sources["mixtral"], DATA)
     _, written = load_run_model(tmp_path / "run")
     for key, value in single.state_dict().items():
