@@ -68,6 +68,8 @@ def detect_source(src: Path) -> str:
 
 def convert(args: argparse.Namespace) -> object:
     """Dispatch to the converter; returns what it wrote."""
+    import torch.distributed as dist
+
     from moetrain.interop import ConvertError
 
     src, out = Path(args.src), Path(args.out)
@@ -84,6 +86,9 @@ def convert(args: argparse.Namespace) -> object:
     if args.target == "hf":
         if source != "moetrain":
             raise ConvertError(f"--to hf exports a moetrain run; {src} is a {source} model")
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            raise ConvertError("--to hf runs in one process (the checkpoint loads whole whatever layout saved it); "
+                               "run it without torchrun")
         if args.overrides:
             raise ConvertError(f"an export takes no config overrides (got {args.overrides[0]}); the run's own "
                                f"config.yaml describes the model")
