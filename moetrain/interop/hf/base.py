@@ -84,8 +84,9 @@ class Family:
         """What every family's router needs: top-k token choice, dropless, nothing forced; and one expert count for
         every MoE layer (Hugging Face configs have a single num_experts)."""
         r = cfg.router
-        if cfg.model.experts_per_layer is not None and len(set(cfg.model.experts_per_layer)) > 1:
-            raise ConvertError(f"model.experts_per_layer={cfg.model.experts_per_layer}: {cls.architecture} has one "
+        per_layer = getattr(cfg.model, "experts_per_layer", None)
+        if per_layer is not None and len(set(per_layer)) > 1:
+            raise ConvertError(f"model.experts_per_layer={per_layer}: {cls.architecture} has one "
                                f"expert count for all layers; compress with the same --keep in every layer to export")
         if r.method != "topk":
             raise ConvertError(f"router.method={r.method}: {cls.architecture} routes by top-k token choice; only "
