@@ -28,11 +28,12 @@ from typing import Optional, Protocol
 
 import torch
 import torch.distributed as dist
+from einops import rearrange
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 from moetrain.moe.plan import RoutingPlan, build_plan, permute, permute_rows, unpermute
-from moetrain.parallel.pipeline import (DegreeTuner, RegionTiming, clock_start, mark_region_input,
-                                        mark_region_output)
+from moetrain.parallel.pipeline import (DegreeTuner, RegionTiming, chunk_of_slot, chunk_slot_range, clock_start,
+                                        mark_region_input, mark_region_output)
 from moetrain.parallel.dispatch.placement import Placement
 
 
@@ -96,7 +97,7 @@ def regroup_index(counts_WL: torch.Tensor) -> torch.Tensor:
     W, L = counts_WL.shape
     c = counts_WL.flatten()
     src_start = torch.cumsum(c, 0) - c
-    order = torch.arange(W * L, device=c.device).view(W, L).t().flatten()
+    order = rearrange(torch.arange(W * L, device=c.device), "(w l) -> (l w)", w=W)  # block ids in (l, w) order
     c_ord, s_ord = c[order], src_start[order]
     dst_start = torch.cumsum(c_ord, 0) - c_ord
     total = int(c.sum())
@@ -125,6 +126,19 @@ class _PlacementTables:
             slot[w, mine] = torch.arange(len(mine))
         self.slot_WE = slot.to(device)
         self.num_materialized_W = (slot >= 0).sum(1).to(device)
+
+
+def assign_destinations(expert_R: torch.Tensor, counts_E: torch.Tensor, tab: _PlacementTables,
+                        rank: int) -> torch.Tensor:
+    """dest_R: the rank each routed copy goes to, for rows sorted by expert (counts_E per expert) on `rank`: the
+    expert's owner under a contiguous placement, else `rank` itself when it materializes the expert, else
+    replicas(e)[(i + rank) mod r_e] for the i-th copy of e (module docstring)."""
+    if tab.contiguous:
+        return tab.owner_E[expert_R]  # rows are already in destination order
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    copy_R = torch.arange(expert_R.shape[0], device=counts_E.device) - starts_E[expert_R]
+    choice_R = (copy_R + rank) % tab.count_E[expert_R]
+    return torch.where(tab.local_E[expert_R], rank, tab.table_EW[expert_R, choice_R])
 
 
 class AllToAllDispatcher:
@@ -217,14 +231,9 @@ class AllToAllDispatcher:
         counts_E = local.tokens_per_expert_E
         expert_R = torch.repeat_interleave(torch.arange(E, device=counts_E.device), counts_E,
                                            output_size=local.num_rows)
-        if tab.contiguous:
-            dest_R = tab.owner_E[expert_R]  # rows are already in destination order
-        else:
-            starts_E = torch.cumsum(counts_E, 0) - counts_E
-            copy_R = torch.arange(local.num_rows, device=counts_E.device) - starts_E[expert_R]
-            choice_R = (copy_R + self.rank) % tab.count_E[expert_R]
-            dest_R = torch.where(tab.local_E[expert_R], self.rank, tab.table_EW[expert_R, choice_R])
-        chunk_WE = torch.where(tab.slot_WE >= 0, tab.slot_WE * num_chunks // tab.num_materialized_W.clamp(min=1)[:, None],
+        dest_R = assign_destinations(expert_R, counts_E, tab, self.rank)
+        chunk_WE = torch.where(tab.slot_WE >= 0,
+                               chunk_of_slot(tab.slot_WE, num_chunks, tab.num_materialized_W.clamp(min=1)[:, None]),
                                torch.zeros_like(tab.slot_WE))
         if num_chunks > 1 or not tab.contiguous:
             key_R = (chunk_WE[dest_R, expert_R] * W + dest_R) * E + expert_R
@@ -240,7 +249,7 @@ class AllToAllDispatcher:
         for j in range(num_chunks):
             in_chunk_WE = chunk_WE == j
             send_splits = (send_counts_WE * in_chunk_WE).sum(1).tolist()
-            lo, hi = -(-j * M // num_chunks), -(-(j + 1) * M // num_chunks)  # slots s with s * n // M == j
+            lo, hi = chunk_slot_range(j, num_chunks, M)  # slots s with s * n // M == j
             counts_Wm = recv_counts_WM[:, lo:hi]
             regroup = regroup_index(counts_Wm)
             chunks.append(ChunkPlan(slice(row, row + sum(send_splits)), send_splits, counts_Wm.sum(1).tolist(),

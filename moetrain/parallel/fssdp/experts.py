@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import torch
+from einops import rearrange
 from torch.autograd.graph import saved_tensors_hooks
 
 from moetrain.moe.experts import GroupedExperts
@@ -56,13 +57,16 @@ class ShardedExperts(GroupedExperts):
         return "fssdp" not in state or self.state.load_state_dict(state["fssdp"])
 
     def _owned_LX(self) -> torch.Tensor:
-        L = self.w1_EDF.shape[0]
-        return torch.cat([self.w1_EDF.reshape(L, -1), self.w3_EDF.reshape(L, -1), self.w2_EFD.reshape(L, -1)], 1)
+        w1_LDF, w3_LDF, w2_LFD = self.w1_EDF, self.w3_EDF, self.w2_EFD
+        return torch.cat([rearrange(w1_LDF, "l d f -> l (d f)"), rearrange(w3_LDF, "l d f -> l (d f)"),
+                          rearrange(w2_LFD, "l f d -> l (f d)")], 1)
 
     def _split(self, mat_MX: torch.Tensor):
-        M, (D, F) = mat_MX.shape[0], self.w1_EDF.shape[1:]
-        n = D * F
-        return (mat_MX[:, :n].view(M, D, F), mat_MX[:, n:2 * n].view(M, D, F), mat_MX[:, 2 * n:].view(M, F, D))
+        """The inverse of `_owned_LX` for M rows: views (w1_MDF, w3_MDF, w2_MFD) into mat_MX."""
+        D, F = self.w1_EDF.shape[1:]
+        w1_MX, w3_MX, w2_MX = mat_MX.split(D * F, dim=1)
+        return (rearrange(w1_MX, "m (d f) -> m d f", d=D), rearrange(w3_MX, "m (d f) -> m d f", d=D),
+                rearrange(w2_MX, "m (f d) -> m f d", f=F))
 
     @contextmanager
     def materialize(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
