@@ -62,7 +62,7 @@ def _bare_cfg(argv: Sequence[str]) -> list[str]:
     for i, arg in enumerate(argv):
         out.append(arg)
         following = argv[i + 1] if i + 1 < len(argv) else None
-        if arg in ("--cfg", "-c") and (following is None or following.startswith("-") or "=" in following):
+        if arg in ("--cfg", "-c") and (following is None or following.startswith(("-", "~", "+")) or "=" in following):
             out += ["job", "--resolve"]
     return out
 
@@ -211,12 +211,16 @@ def sweep_plan(hydra, command: Command):
     return cfg, parser.parse_overrides(command.overrides), parser.parse_overrides(params)
 
 
+def swept_keys(overrides, params) -> set[str]:
+    """The keys whose value varies from job to job (the sweeper's params and the command line's sweeps)."""
+    return {o.get_key_element() for o in params} | {o.get_key_element() for o in overrides if o.is_sweep_override()}
+
+
 def fixed_keys(overrides, params) -> list[str]:
     """The keys the command line sets to one value for every job: left out of the job directory names, so that a
     job's directory is named by what varies (`optim.lr=0.001,router.top_k=1`), as Hydra's override_dirname would
     otherwise list every override."""
-    swept = {o.get_key_element() for o in params} | {o.get_key_element() for o in overrides if o.is_sweep_override()}
-    return sorted({o.get_key_element() for o in overrides if not o.is_hydra_override()} - swept)
+    return sorted({o.get_key_element() for o in overrides if not o.is_hydra_override()} - swept_keys(overrides, params))
 
 
 def check_sweep(hydra, command: Command, cfg, overrides, params) -> int:
@@ -238,7 +242,8 @@ def check_sweep(hydra, command: Command, cfg, overrides, params) -> int:
             if world_size is not None:
                 validate(job_cfg, world_size)
         except ConfigError as e:
-            label = " ".join(o for o in job if o not in command.overrides) or "no overrides"
+            swept = swept_keys(overrides, params)
+            label = " ".join(o for o in job if o.lstrip("+~").split("=", 1)[0] in swept) or "nothing swept"
             raise ConfigError(f"sweep job #{num} ({label}): {e}") from None
     return len(jobs)
 

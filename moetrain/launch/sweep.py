@@ -94,7 +94,7 @@ class SweepJob:
         hydra_cfg = HydraConfig.get()
         run_dir = Path(hydra_cfg.runtime.output_dir)
         overrides = list(hydra_cfg.overrides.task)
-        label = f"#{hydra_cfg.job.num} ({hydra_cfg.job.override_dirname or 'no overrides'})"
+        label = f"#{hydra_cfg.job.num} ({hydra_cfg.job.override_dirname or 'nothing swept'})"
         if hydra_cfg.launcher.get("_target_") == BASIC_LAUNCHER:
             status = self._run_child(overrides, run_dir)
         else:
