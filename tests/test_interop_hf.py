@@ -358,11 +358,20 @@ def test_command_line(hf_models, tmp_path, capsys):
     assert config["model_type"] == "deepseek_v3" and config["dtype"] == "bfloat16"
     with read_hf_state(tmp_path / "hf") as ckpt:
         assert ckpt.get("lm_head.weight").dtype == torch.bfloat16
+    step0 = tmp_path / "run" / "checkpoints" / "step_00000000"  # a checkpoint directory, or a run with --step
+    assert convert_main([str(step0), "--to", "hf", "--out", str(tmp_path / "hf_ckpt")]) == 0
+    assert convert_main([str(tmp_path / "run"), "--to", "hf", "--step", "0", "--out", str(tmp_path / "hf_step")]) == 0
     capsys.readouterr()
-    assert convert_main([str(src), "--out", str(tmp_path / "run")]) == 2
-    assert convert_main([str(tmp_path / "run"), "--to", "hf", "--out", str(tmp_path / "hf2"), "model.dim=8"]) == 2
+    (tmp_path / "empty").mkdir()
+    bad = [[str(src), "--out", str(tmp_path / "run")],  # holds a checkpoint already
+           [str(tmp_path / "run"), "--to", "hf", "--out", str(tmp_path / "hf2"), "model.dim=8"],
+           [str(tmp_path / "run"), "--to", "hf", "--step", "7", "--out", str(tmp_path / "hf3")],
+           [str(tmp_path / "empty"), "--out", str(tmp_path / "run2")],
+           [str(src), "--out", str(tmp_path / "run3"), "--arch", "mixtral"]]
+    assert [convert_main(args) for args in bad] == [2] * len(bad)
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and all(line.startswith("moetrain-convert: error: ") for line in err)
+    assert len(err) == len(bad) and all(line.startswith("moetrain-convert: error: ") for line in err), err
+    assert not any((tmp_path / d).exists() for d in ("hf2", "hf3", "run2", "run3"))
 
 
 def test_an_imported_model_continues_training(hf_models, tmp_path):
