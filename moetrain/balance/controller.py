@@ -56,14 +56,16 @@ class BalanceController:
             self._tokens[i] += record.num_tokens
 
     @torch.no_grad()
-    def step(self, step: int, update_bias: bool = True) -> torch.Tensor:
+    def step(self, step: int, update_bias: bool = True) -> list[torch.Tensor]:
         """Reduce this step's counts over all ranks, update the biases (unless `update_bias` is False: a skipped,
-        non-finite step), reset the counters. Returns counts_NE."""
+        non-finite step), reset the counters. Returns counts_NE: one tensor of E_i counts per MoE layer (layers may
+        have different E, model.experts_per_layer), reduced as one flat collective."""
         if not self.layers:
-            return torch.zeros(0, 0)
-        counts_NE = torch.stack(self._counts_NE)
+            return []
+        flat = torch.cat(self._counts_NE)
         if self.ctx.is_distributed:
-            dist.all_reduce(counts_NE, group=self.ctx.world_group)
+            dist.all_reduce(flat, group=self.ctx.world_group)
+        counts_NE = list(flat.split([c.numel() for c in self._counts_NE]))
         rate = bias_rate_at(step, self.max_steps, self.cfg.bias_update_rate, self.cfg.bias_update_stop_frac)
         for m, counts_E in zip(self.layers, counts_NE):
             if update_bias and rate > 0 and not self.cfg.force_balanced:

@@ -27,6 +27,8 @@ class ModelConfig:
     norm_eps: float = 1e-5  # RMSNorm's epsilon
     ffn_hidden: int = 512  # hidden size of the dense SwiGLU FFN layers
     num_experts: int = 8  # E, routed experts per MoE layer
+    experts_per_layer: Optional[list[int]] = None  # routed experts of each MoE layer in order (layers may differ,
+                                                   # e.g. after moetrain-compress); null: num_experts in every one
     moe_hidden: int = 256  # F, hidden size of one routed expert
     num_shared_experts: int = 0  # shared experts, each of hidden size moe_hidden, fused into one SwiGLU
     first_k_dense: int = 1  # the first k layers use the dense FFN

@@ -598,6 +598,40 @@ def _run_dir(cfg: TrainConfig, world_size: int) -> Iterator[str]:
         yield (f"trainer.run_dir={show(run_dir)} cannot be written (permission denied or not a directory); "
                f"choose another trainer.run_dir")
 
+def _experts_per_layer(cfg: TrainConfig, world_size: int) -> Iterator[str]:
+    """model.experts_per_layer: one count per MoE layer, each passing what model.num_experts must pass (top_k,
+    expert groups, the expert-parallel split); model.num_experts is their largest."""
+    from moetrain.model.transformer import moe_layer_ids
+
+    m, r, par = cfg.model, cfg.router, cfg.parallel
+    counts = m.experts_per_layer
+    if counts is None:
+        return
+    ids = moe_layer_ids(m)
+    if len(counts) != len(ids):
+        yield (f"model.experts_per_layer has {len(counts)} entries but the model has {len(ids)} MoE layers "
+               f"(layers {ids}); give one expert count per MoE layer or null")
+        return
+    if any(E < 1 for E in counts):
+        yield f"model.experts_per_layer={counts} must hold positive expert counts"
+        return
+    if m.num_experts != max(counts):
+        yield (f"model.num_experts={m.num_experts} must be the largest of model.experts_per_layer={counts}; set "
+               f"model.num_experts={max(counts)}")
+    cls = routers().get(r.method)
+    few = [E for E in counts if r.top_k > (cls.num_choices(r, E) if cls is not None else E)]
+    if few:
+        yield (f"router.top_k={r.top_k} exceeds the {min(few)} experts of a layer in model.experts_per_layer="
+               f"{counts}; lower router.top_k")
+    if any(E % r.num_groups for E in counts):
+        yield f"every entry of model.experts_per_layer={counts} must be divisible by router.num_groups={r.num_groups}"
+    split = world_size if par.mode == "fssdp" else par.ep
+    if split > 1 and any(E % split for E in counts):
+        common = math.gcd(*counts)
+        what = f"parallel.ep={par.ep}" if par.mode == "ep" else f"the world size {world_size} (parallel.mode=fssdp)"
+        yield (f"model.experts_per_layer={counts}: every MoE layer's experts must split evenly over {what}; "
+               f"use a divisor of {common} ranks for the experts")
+
 
 def _resume(cfg: TrainConfig, world_size: int) -> Iterator[str]:
     resume = cfg.trainer.resume
@@ -621,6 +655,9 @@ CROSS_CHECKS: tuple[tuple[Callable[[TrainConfig, int], Iterator[str]], tuple[str
     (_router_capacity, ("router.capacity_factor", "router.pad_to_capacity")),
     (_fssdp_layout, ("model.num_experts", "parallel.mode", "parallel.ep", "parallel.data_parallel")),
     (_ep_layout, ("model.num_experts", "parallel.mode", "parallel.ep", "parallel.data_parallel")),
+    (_experts_per_layer, ("model.experts_per_layer", "model.num_experts", "model.n_layers", "model.first_k_dense",
+                          "model.moe_every", "router.method", "router.top_k", "router.num_groups", "parallel.mode",
+                          "parallel.ep")),
     (_hsdp_layout, ("parallel.mode", "parallel.ep", "parallel.data_parallel", "parallel.dp_replicate")),
     (_backend_device, ("parallel.backend", "trainer.device")),
     (_data_sizes, ("model.max_seq_len", "data.name", "data.seq_len", "data.global_batch_size",

@@ -2,7 +2,8 @@
 
 Legend: B batch, S sequence, D model dim, V vocabulary.
 
-Layer i is MoE when i >= first_k_dense and (i - first_k_dense) % moe_every == 0, dense otherwise.
+Layer i is MoE when i >= first_k_dense and (i - first_k_dense) % moe_every == 0, dense otherwise. Every MoE layer has
+num_experts routed experts, or with experts_per_layer the j-th MoE layer has experts_per_layer[j] (`layer_num_experts`).
 Weights: dense parameters from the global RNG (seeded identically on every rank), experts from per-expert generators
 (see moe/experts.py), so a model split over any number of expert-parallel ranks holds the same weights as one process.
 Output projections are scaled by 1/sqrt(2 * n_layers) (GPT-2 style).
@@ -86,6 +87,21 @@ def is_moe_layer(cfg: ModelConfig, i: int) -> bool:
     return cfg.num_experts > 0 and i >= cfg.first_k_dense and (i - cfg.first_k_dense) % cfg.moe_every == 0
 
 
+def moe_layer_ids(cfg: ModelConfig) -> list[int]:
+    """The indices of the MoE layers, in order."""
+    return [i for i in range(cfg.n_layers) if is_moe_layer(cfg, i)]
+
+
+def layer_num_experts(cfg: ModelConfig, i: int) -> int:
+    """E of layer i: model.experts_per_layer[j] for the j-th MoE layer when set (layers may differ, e.g. after
+    moetrain-compress), else model.num_experts; 0 for a dense layer."""
+    if not is_moe_layer(cfg, i):
+        return 0
+    if cfg.experts_per_layer is None:
+        return cfg.num_experts
+    return int(cfg.experts_per_layer[moe_layer_ids(cfg).index(i)])
+
+
 # (dim, hidden, E, shared, layer_id, shared_hidden=0, shared_gate=False) -> MoE layer (moetrain/moe/layer.py)
 MoELayerFactory = Callable[..., nn.Module]
 
@@ -99,8 +115,8 @@ class Block(nn.Module):
         self.attn = MLAttention(cfg) if cfg.attention == "mla" else Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         if is_moe_layer(cfg, layer_id):
-            self.ffn = moe_layer(cfg.dim, cfg.moe_hidden, cfg.num_experts, cfg.num_shared_experts, layer_id,
-                                 shared_hidden=cfg.shared_expert_hidden, shared_gate=cfg.shared_expert_gate)
+            self.ffn = moe_layer(cfg.dim, cfg.moe_hidden, layer_num_experts(cfg, layer_id), cfg.num_shared_experts,
+                                 layer_id, shared_hidden=cfg.shared_expert_hidden, shared_gate=cfg.shared_expert_gate)
         else:
             self.ffn = SwiGLU(cfg.dim, cfg.ffn_hidden)
 
@@ -222,12 +238,13 @@ def count_parameters(cfg: ModelConfig, router_cfg: RouterConfig) -> dict[str, in
     with torch.device("meta"):
         model = TransformerLM(cfg, router_cfg)
     total = active = 0
-    per_token = router_class(router_cfg).experts_per_token(router_cfg, cfg.num_experts)
+    router = router_class(router_cfg)
     for name, p in model.named_parameters():
         n = p.numel()
         total += n
-        if getattr(p, "expert_ids", None) is not None:
-            n = round(n / cfg.num_experts * per_token)
+        if getattr(p, "expert_ids", None) is not None:  # dim 0: the layer's E experts (layers may differ)
+            E = p.shape[0]
+            n = round(n / E * router.experts_per_token(router_cfg, E))
         active += n
     embedding = model.tok_embeddings.weight.numel()
     return {"total": total, "active": active, "embedding": embedding,

@@ -195,7 +195,7 @@ def _local_elements(p: torch.Tensor, experts_local: int, shard_dense: int, shard
 def plan_memory(cfg: TrainConfig, world_size: int) -> MemoryPlan:
     """Per-rank memory of training `cfg` on `world_size` ranks (see the module docstring for every formula).
     Raises ConfigError (one line per problem) when the layout does not fit the world size."""
-    from moetrain.model.transformer import is_moe_layer
+    from moetrain.model.transformer import layer_num_experts, moe_layer_ids
     from moetrain.moe.layer import MoELayer
     from moetrain.moe.routers import router_class
 
@@ -206,7 +206,8 @@ def plan_memory(cfg: TrainConfig, world_size: int) -> MemoryPlan:
     b = 2 if precision == "bf16" else FP32
     fssdp = par.mode == "fssdp"
     ep = W if fssdp else par.ep  # the ranks experts are spread over
-    E_loc = E // ep if E else 0  # experts each rank holds per MoE layer
+    E_loc = E // ep if E else 0  # experts each rank holds per MoE layer (the largest layer's, experts_per_layer)
+    E_locs = [layer_num_experts(m, i) // ep for i in moe_layer_ids(m)]  # ... and each MoE layer's
     fsdp = par.data_parallel == "fsdp" and W > 1  # the trainer applies FSDP only to a distributed run
     dpr = par.dp_replicate if fsdp else 1
     edp = 1 if fssdp else W // ep  # ranks holding the same experts
@@ -222,7 +223,7 @@ def plan_memory(cfg: TrainConfig, world_size: int) -> MemoryPlan:
     blocks = list(model.layers)
 
     def local(p) -> int:
-        return _local_elements(p, E_loc, N_d, N_e)
+        return _local_elements(p, p.shape[0] // ep if _is_expert(p) else 0, N_d, N_e)
 
     # ---- parameters, gradients, optimizer: the local tensors of every parameter
     elems = Split()
@@ -238,12 +239,15 @@ def plan_memory(cfg: TrainConfig, world_size: int) -> MemoryPlan:
     # ---- activations of one micro-batch
     B, S, V, D = cfg.data.micro_batch_size, cfg.data.seq_len, m.vocab_size, m.dim
     T = B * S
-    K = router_class(r).experts_per_token(r, E) if E else 0.0
-    rows = T * K
-    if E and r.capacity_factor is not None:
-        padded = E * math.ceil(T * K * r.capacity_factor / E)
-        rows = padded if r.pad_to_capacity else min(rows, padded)
-    R = int(math.ceil(rows))
+
+    def routed_rows(E: int) -> int:
+        """R, the routed rows of a layer of E experts."""
+        K = router_class(r).experts_per_token(r, E) if E else 0.0
+        rows = T * K
+        if E and r.capacity_factor is not None:
+            padded = E * math.ceil(T * K * r.capacity_factor / E)
+            rows = padded if r.pad_to_capacity else min(rows, padded)
+        return int(math.ceil(rows))
 
     def block_parts(block) -> tuple[Split, Split, Split, Split]:
         """(attention part, FFN part, kept under selective, largest piece recomputed under selective)."""
@@ -252,7 +256,7 @@ def plan_memory(cfg: TrainConfig, world_size: int) -> MemoryPlan:
         if isinstance(ffn, MoELayer):
             X = ffn.router.gate.weight.shape[0]
             Fs = ffn.shared_experts.w1.weight.shape[0] if ffn.shared_experts is not None else 0
-            F = ffn.experts.w1_EDF.shape[-1]
+            F, R = ffn.experts.w1_EDF.shape[-1], routed_rows(ffn.num_experts)
             kept = Split(FP32 * (2 * T * D + 2 * T * X) + b * (T * D + 4 * T * Fs), b * 2 * R * D)
             experts = Split(0, b * 2 * R * F)
             return attention, kept + experts, Split(FP32 * T * D, 0) + kept, max(attention, experts, key=_total)
@@ -276,15 +280,17 @@ def plan_memory(cfg: TrainConfig, world_size: int) -> MemoryPlan:
             activations = activations + attention + ffn
 
     # ---- all-to-all buffers: one layer's send + receive
-    n_moe = sum(is_moe_layer(m, i) for i in range(m.n_layers))
-    all_to_all = Split(0, b * 2 * R * D if n_moe and ep > 1 else 0)
+    n_moe = len(E_locs)
+    all_to_all = Split(0, b * 2 * routed_rows(E) * D if n_moe and ep > 1 else 0)
 
     # ---- weight copies held during compute
     X_e = 3 * D * m.moe_hidden  # elements of one expert (w1, w3, w2)
     copies = Split()
-    M = E_loc + (par.fssdp.budget if fssdp and W > 1 else 0)  # experts a rank computes per layer
+    extra = par.fssdp.budget if fssdp and W > 1 else 0
+    M = E_loc + extra  # experts a rank computes per layer (the largest layer)
     if b != FP32:  # bf16 casts of what FSDP does not gather in bf16 itself
-        copies = copies + Split(0 if fsdp else b * elems.dense, 0 if fsdp_experts else b * n_moe * M * X_e)
+        computed = sum(E_locs) + n_moe * extra  # experts a rank computes, over all MoE layers
+        copies = copies + Split(0 if fsdp else b * elems.dense, 0 if fsdp_experts else b * computed * X_e)
     if fssdp and W > 1 and par.fssdp.budget > 0 and n_moe:
         kept = 1 if par.fssdp.rematerialize else n_moe
         copies = copies + Split(0, FP32 * (kept + 1) * M * X_e)
@@ -295,7 +301,7 @@ def plan_memory(cfg: TrainConfig, world_size: int) -> MemoryPlan:
                 if not _is_expert(p):
                     s.dense += p.numel()
                 elif fsdp_experts:
-                    s.expert += E_loc * math.prod(p.shape[1:])
+                    s.expert += p.shape[0] // ep * math.prod(p.shape[1:])
             return s
 
         block_ids = {id(p) for blk in blocks for p in blk.parameters()}
