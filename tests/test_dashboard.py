@@ -9,6 +9,8 @@ import sys
 import pytest
 
 pytest.importorskip("wandb_workspaces")
+# wandb-workspaces 0.4 still declares pydantic-v1-style validators; pydantic 2 warns about them on import
+pytestmark = pytest.mark.filterwarnings("ignore:Pydantic V1 style:DeprecationWarning")
 
 from moetrain.telemetry import dashboard  # noqa: E402
 from moetrain.telemetry.dashboard import main  # noqa: E402
