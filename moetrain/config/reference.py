@@ -35,7 +35,6 @@ from typing import Any, Optional, Sequence
 __all__ = ["field_docs", "render", "reference_path", "main"]
 
 COMMAND = "python -m moetrain.config.reference --write"
-SECTIONS = ("model", "router", "parallel", "optim", "data", "logger", "trainer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +172,7 @@ def render() -> str:
     defaults_list = _defaults_list()
     for group, options in _group_options().items():
         out.append(f"| {group} | {', '.join(options)} | {defaults_list.get(group, '')} |")
-    for section in SECTIONS:
+    for section in (f.name for f in dataclasses.fields(TrainConfig)):  # model, router, ... in the schema's order
         out += ["", f"## {section}", ""]
         if section == "router":
             out.append(_prose(f"The keys every routing method shares; `router.method` is "
