@@ -64,7 +64,8 @@ def _dry_run(cfg, launched_world_size: int) -> int:
     plan = plan_memory(cfg, world_size)  # validates the layout for world_size first
     counts = count_parameters(cfg.model, cfg.router)
     m = cfg.model
-    print(f"model {m.name}: {m.n_layers} layers, dim {m.dim}, {m.num_experts} experts (top-{cfg.router.top_k}, "
+    experts = m.num_experts if m.experts_per_layer is None else f"{m.experts_per_layer} (per MoE layer)"
+    print(f"model {m.name}: {m.n_layers} layers, dim {m.dim}, {experts} experts (top-{cfg.router.top_k}, "
           f"hidden {m.moe_hidden}, {m.num_shared_experts} shared)")
     for key, value in counts.items():
         print(f"  {key:>22}: {value:>17,d}  ({value / 1e9:.2f}B)")

@@ -125,9 +125,11 @@ class _Collector:
         y_ET = y_ETD.flatten(1)
         return (y_ET @ y_ET.t()).cpu()
 
-    def finish(self, world_group: Optional[dist.ProcessGroup]) -> LayerStats:
+    def remove(self) -> None:
         for h in self.handles:
             h.remove()
+
+    def finish(self, world_group: Optional[dist.ProcessGroup]) -> LayerStats:
         inputs_ND = torch.cat(self.inputs) if self.inputs else torch.zeros(0, self.layer.dim)
         sums = torch.cat([torch.tensor([float(self.tokens)], dtype=torch.float64), self.freq_E, self.mass_E,
                           self.logit_gram_EE.flatten(), self.out_gram_EE.flatten()])
@@ -164,4 +166,6 @@ def calibrate(model: torch.nn.Module, batches: Iterable[torch.Tensor], max_input
             model(tokens_BS.to(device))
     finally:
         model.train(was_training)
+        for c in collectors:
+            c.remove()
     return [c.finish(world_group) for c in collectors]
