@@ -44,6 +44,7 @@ setup(
             "moetrain-generate=moetrain.generate:main",
             "moetrain-dashboard=moetrain.telemetry.dashboard:main",
             "moetrain-convert=moetrain.interop.cli:main",
+            "moetrain-sim=moetrain.sim.cli:main",
             "moetrain-compress=moetrain.compress.cli:main",
         ]
     },

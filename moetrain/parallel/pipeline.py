@@ -36,6 +36,17 @@ import torch.distributed as dist
 CANDIDATES = (1, 2, 4, 8)
 
 
+def chunk_of_slot(slot, num_chunks: int, num_slots):
+    """The chunk that carries a rank's expert slot s (its position among the M experts the rank computes, in id
+    order): s * n // M, so every chunk holds a contiguous range of about M/n experts. Works on ints and tensors."""
+    return slot * num_chunks // num_slots
+
+
+def chunk_slot_range(chunk: int, num_chunks: int, num_slots: int) -> tuple[int, int]:
+    """[lo, hi): the slots s with s * n // M == chunk (the inverse of `chunk_of_slot`)."""
+    return -(-chunk * num_slots // num_chunks), -(-(chunk + 1) * num_slots // num_chunks)
+
+
 class DegreeTuner:
     def __init__(self, max_degree: int, group: Optional[dist.ProcessGroup], trial_steps: int = 2,
                  retune_drift: float = 0.25, candidates: Sequence[int] = CANDIDATES):

@@ -32,8 +32,8 @@ from einops import rearrange
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 from moetrain.moe.plan import RoutingPlan, build_plan, permute, permute_rows, unpermute
-from moetrain.parallel.pipeline import (DegreeTuner, RegionTiming, clock_start, mark_region_input,
-                                        mark_region_output)
+from moetrain.parallel.pipeline import (DegreeTuner, RegionTiming, chunk_of_slot, chunk_slot_range, clock_start,
+                                        mark_region_input, mark_region_output)
 from moetrain.parallel.dispatch.placement import Placement
 
 
@@ -128,6 +128,19 @@ class _PlacementTables:
         self.num_materialized_W = (slot >= 0).sum(1).to(device)
 
 
+def assign_destinations(expert_R: torch.Tensor, counts_E: torch.Tensor, tab: _PlacementTables,
+                        rank: int) -> torch.Tensor:
+    """dest_R: the rank each routed copy goes to, for rows sorted by expert (counts_E per expert) on `rank`: the
+    expert's owner under a contiguous placement, else `rank` itself when it materializes the expert, else
+    replicas(e)[(i + rank) mod r_e] for the i-th copy of e (module docstring)."""
+    if tab.contiguous:
+        return tab.owner_E[expert_R]  # rows are already in destination order
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    copy_R = torch.arange(expert_R.shape[0], device=counts_E.device) - starts_E[expert_R]
+    choice_R = (copy_R + rank) % tab.count_E[expert_R]
+    return torch.where(tab.local_E[expert_R], rank, tab.table_EW[expert_R, choice_R])
+
+
 class AllToAllDispatcher:
     def __init__(self, num_experts: int, group: dist.ProcessGroup, capacity_factor=None, pad_to_capacity=False,
                  placement_source: Optional[PlacementSource] = None, pipeline_degree: str = "1"):
@@ -218,14 +231,9 @@ class AllToAllDispatcher:
         counts_E = local.tokens_per_expert_E
         expert_R = torch.repeat_interleave(torch.arange(E, device=counts_E.device), counts_E,
                                            output_size=local.num_rows)
-        if tab.contiguous:
-            dest_R = tab.owner_E[expert_R]  # rows are already in destination order
-        else:
-            starts_E = torch.cumsum(counts_E, 0) - counts_E
-            copy_R = torch.arange(local.num_rows, device=counts_E.device) - starts_E[expert_R]
-            choice_R = (copy_R + self.rank) % tab.count_E[expert_R]
-            dest_R = torch.where(tab.local_E[expert_R], self.rank, tab.table_EW[expert_R, choice_R])
-        chunk_WE = torch.where(tab.slot_WE >= 0, tab.slot_WE * num_chunks // tab.num_materialized_W.clamp(min=1)[:, None],
+        dest_R = assign_destinations(expert_R, counts_E, tab, self.rank)
+        chunk_WE = torch.where(tab.slot_WE >= 0,
+                               chunk_of_slot(tab.slot_WE, num_chunks, tab.num_materialized_W.clamp(min=1)[:, None]),
                                torch.zeros_like(tab.slot_WE))
         if num_chunks > 1 or not tab.contiguous:
             key_R = (chunk_WE[dest_R, expert_R] * W + dest_R) * E + expert_R
@@ -241,7 +249,7 @@ class AllToAllDispatcher:
         for j in range(num_chunks):
             in_chunk_WE = chunk_WE == j
             send_splits = (send_counts_WE * in_chunk_WE).sum(1).tolist()
-            lo, hi = -(-j * M // num_chunks), -(-(j + 1) * M // num_chunks)  # slots s with s * n // M == j
+            lo, hi = chunk_slot_range(j, num_chunks, M)  # slots s with s * n // M == j
             counts_Wm = recv_counts_WM[:, lo:hi]
             regroup = regroup_index(counts_Wm)
             chunks.append(ChunkPlan(slice(row, row + sum(send_splits)), send_splits, counts_Wm.sum(1).tolist(),
