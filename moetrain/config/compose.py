@@ -156,13 +156,17 @@ def describe_error(e: BaseException, config_name: str = "train") -> str:
     if unknown:
         return one_line(f"bad config or override: {unknown_key(unknown.group(1))}")
     msg = msg.removeprefix(f"In '{config_name}': ")
-    options = [ln for ln in lines[1:] if not ln.startswith(("Config search path", "provider=", "Available options"))]
+    options = [ln for ln in lines[1:]  # the routing methods' schema nodes are no presets to choose
+               if not ln.startswith(("Config search path", "provider=", "Available options", "schema_"))]
     if "Available options" in str(e):
         missing = _MISSING_OPTION.search(msg)
         best = did_you_mean(missing.group(2), options) if missing else None
         if best is not None:
             msg += f"; did you mean {missing.group(1)}={best}?"
         msg += f" (available: {', '.join(options)})"
+        submitit = missing and missing.group(1) == "hydra/launcher" and missing.group(2).startswith("submitit")
+        if submitit and best is None:
+            msg += "; Hydra's submitit launchers come with `pip install moetrain[slurm]` (hydra-submitit-launcher)"
     cause = e.__cause__ or e.__context__
     while cause is not None and (cause.__cause__ or cause.__context__) is not None:
         cause = cause.__cause__ or cause.__context__
@@ -174,7 +178,7 @@ def describe_error(e: BaseException, config_name: str = "train") -> str:
 
 
 _UNKNOWN_KEY = re.compile(r"^Could not override '([^']+)'")
-_MISSING_OPTION = re.compile(r"Could not find '([^'/]+)/([^']+)'")
+_MISSING_OPTION = re.compile(r"Could not find '([^']+)/([^'/]+)'")
 
 
 def compose_config(overrides: Sequence[str] = (), source: Optional[ConfigSource] = None) -> TrainConfig:

@@ -277,4 +277,11 @@ def multirun(command: Command) -> int:
         raise
     except (HydraException, OmegaConfBaseException, ValueError, OSError) as e:
         raise ConfigError(describe_error(e, command.source.config_name)) from None
+    except Exception as e:  # a launcher's own failure, e.g. submitit's FailedJobError for a task that died
+        if not type(e).__module__.startswith("submitit"):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"moetrain-train: error: sweep stopped, a submitit job died: {first} (its log: the sweep directory's "
+              f".submitit/)", file=sys.stderr, flush=True)
+        return 1
     return 0

@@ -23,6 +23,7 @@ import json
 import os
 import subprocess
 import sys
+import traceback
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,3 +130,6 @@ class SweepJob:
             return _train(cfg)
         except _user_errors() as e:
             return _fail("moetrain-train", str(e), rank)
+        except Exception:  # noqa: BLE001 - a crash is this job's failure (traceback in its log), not the sweep's
+            traceback.print_exc()
+            return 1
