@@ -94,7 +94,10 @@ def stub_path(tmp_path):
     (1, None, [], "moetrain-train"),
     (4, None, ["parallel.ep=4", "model=small"],
      "torchrun --standalone --nproc_per_node=4 -m moetrain.train parallel.ep=4 model=small"),
-    (2, None, ["--cfg"], "torchrun --standalone --nproc_per_node=2 -m moetrain.train --cfg"),
+    (2, None, ["-cd", "runs/a", "-cn", "config"], "torchrun --standalone --nproc_per_node=2 -m moetrain.train -cd "
+                                                  "runs/a -cn config"),
+    (2, None, ["--cfg"], "moetrain-train --cfg"),  # Hydra's actions other than a run: once
+    (8, None, ["-m", "router.top_k=1,2"], "moetrain-train -m router.top_k=1,2"),  # a sweep launches its jobs
     (4, "3", ["parallel.ep=4"], "moetrain-train parallel.ep=4"),  # one process per GPU already (RANK set)
     (4, None, ["moetrain-report", "runs/a"], "moetrain-report runs/a"),  # a command runs as given
 ])
