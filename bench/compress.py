@@ -41,8 +41,9 @@ from moetrain.train import checkpoint as ckpt
 
 REFERENCE_STEPS = 500
 REFERENCE = ["model=tiny", "model.num_experts=16", "model.moe_hidden=64", "model.dim=64", "model.n_layers=3",
-             "model.ffn_hidden=256", "data.seq_len=64", "data.micro_batch_size=16", f"trainer.max_steps={REFERENCE_STEPS}",
-             "trainer.log_every=50", "trainer.eval_every=0", "trainer.checkpoint_every=100", "trainer.progress=false"]
+             "model.ffn_hidden=256", "data.seq_len=64", "data.micro_batch_size=16",
+             f"trainer.max_steps={REFERENCE_STEPS}", "trainer.log_every=50", "trainer.eval_every=0",
+             "trainer.checkpoint_every=100", "trainer.progress=false"]
 METHODS = ["random", "frequency", "reconstruction", "merge", "dern"]
 KEEPS = [0.75, 0.5]
 CALIBRATION_TOKENS = 8192

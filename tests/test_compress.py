@@ -18,7 +18,7 @@ from moetrain.config.validate import ConfigError, validate
 from moetrain.interop.run_dir import load_run_model, write_run_dir
 from moetrain.model.transformer import TransformerLM, count_parameters
 from tests.distributed import run_distributed
-from tests.train_utils import losses, overrides
+from tests.train_utils import losses, overrides, read_metrics
 
 # 3 layers, the last two MoE with 4 experts each
 TINY = ["model.n_layers=3", "model.first_k_dense=1"]
@@ -191,9 +191,22 @@ def test_compressed_run_trains_under_ep2_and_loads(tmp_path, tiny):
             f"data.cache_dir={tmp_path / 'cache'}"]
     assert run_distributed(_train_body, 2, args) == [0, 0]
     assert sorted(losses(out)) == [1, 2]
+    last = read_metrics(out)[-1]  # routing telemetry: each layer's own number of experts
+    assert len(last["moe/layer1/tokens_per_expert"]) == 4 and len(last["moe/layer2/tokens_per_expert"]) == 2
     cfg2, loaded = load_run_model(out)
     assert cfg2.model.experts_per_layer == [4, 2]
     assert [m.num_experts for m in loaded.moe_layers()] == [4, 2]
+
+
+def test_memory_plan_counts_each_layers_experts(tiny):
+    from moetrain.train.memory_plan import plan_memory
+
+    cfg, _, _ = tiny
+    c = copy.deepcopy(cfg)
+    c.model.experts_per_layer, c.model.num_experts, c.parallel.ep = [4, 2], 4, 2
+    plan = plan_memory(c, 2)
+    D, F = c.model.dim, c.model.moe_hidden
+    assert plan.parameters.expert == 4 * (4 // 2 + 2 // 2) * 3 * D * F  # fp32, each rank half of each layer
 
 
 def test_per_layer_counts_that_do_not_split_over_ep_are_one_line(tiny):

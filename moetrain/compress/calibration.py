@@ -16,7 +16,8 @@ the calibration tokens:
     inputs_ND       the first `max_inputs` layer inputs (for the methods that measure a layer-output error)
 
 Parallel layouts: every rank calibrates on its own tokens and its own experts (expert parallelism: experts
-[r*E/W, (r+1)*E/W) of ep rank r; the expert ids come from the experts' `expert_ids`). Sums are all-reduced over the
+[r*E/W, (r+1)*E/W) of ep rank r; FSSDP: the experts it owns, its dispatcher's group being all ranks; the expert ids
+come from the experts' `expert_ids`). Sums are all-reduced over the
 world; for the output Gram each ep group first gathers its ranks' inputs, every rank runs its experts on all of
 them and the outputs are gathered, so the Gram covers the group's tokens once per ep rank (divided out after the
 world reduction). The result equals one process calibrating on the union of the tokens.
@@ -111,11 +112,11 @@ class _Collector:
             parts = [torch.empty_like(x_TD) for _ in range(dist.get_world_size(group))]
             dist.all_gather(parts, x_TD.contiguous(), group=group)  # calibration micro-batches have equal shapes
             x_TD = torch.cat(parts)
-        experts = self.layer.experts
-        with experts.materialize() as (w1, w3, w2):
-            L, T = w1.shape[0], x_TD.shape[0]
-            x_RD = x_TD.to(w1.dtype).repeat(L, 1)  # every local expert on every token
-            y_RD = reference_experts(x_RD, torch.full((L,), T), w1, w3, w2)
+        experts = self.layer.experts  # the experts this rank holds (ep: its slice; fssdp: the ones it owns)
+        w1, w3, w2 = experts.w1_EDF, experts.w3_EDF, experts.w2_EFD
+        L, T = w1.shape[0], x_TD.shape[0]
+        x_RD = x_TD.to(w1.dtype).repeat(L, 1)  # every local expert on every token
+        y_RD = reference_experts(x_RD, torch.full((L,), T), w1, w3, w2)
         y_LTD = y_RD.view(L, T, -1).double()
         ids = torch.as_tensor(experts.expert_ids)
         y_ETD = torch.zeros(E, T, y_LTD.shape[-1], dtype=torch.float64, device=y_LTD.device)
