@@ -294,3 +294,25 @@ def test_layer_stats_similarity_is_cosine():
     g = torch.tensor([[4.0, 2.0], [2.0, 9.0]], dtype=torch.float64)
     s = LayerStats(0, 1, torch.zeros(2), torch.zeros(2), g, g, torch.zeros(0, 2))
     torch.testing.assert_close(s.logit_sim_EE, torch.tensor([[1.0, 1 / 3], [1 / 3, 1.0]], dtype=torch.float64))
+
+
+def test_reconstruction_greedy_is_never_better_than_enumeration(tiny, monkeypatch):
+    """Both search the same objective; enumeration is exhaustive, so the greedy subset's layer-output error is at
+    least the enumerated one's."""
+    from moetrain.compress.methods import LayerJob
+    from moetrain.compress.methods import reconstruction as rec
+
+    cfg, model, stats = tiny
+    layer = model.layers[1].ffn
+    job = LayerJob(1, layer_experts(layer), stats[0], 2, cfg.router)
+    x_ND = stats[0].inputs_ND
+    full = routed_output(job.experts, x_ND, cfg.router)
+
+    def err(result):
+        return float(((routed_output(result.experts, x_ND, cfg.router) - full) ** 2).sum())
+
+    best = rec.reconstruction(job)
+    monkeypatch.setattr(rec, "ENUMERATE_LIMIT", 0)
+    greedy = rec.reconstruction(job)
+    assert len(greedy.sources) == 2
+    assert err(greedy) >= err(best) - 1e-9
