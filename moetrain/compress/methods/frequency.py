@@ -3,9 +3,10 @@
 Keeps: the `keep` experts with the highest routed-token count (RoutingRecord.tokens_per_expert_E summed over the
 calibration tokens; ties broken by router probability mass), their weights, router rows and bias entries unchanged.
 Drops: the other experts and their router rows; the router's softmax then renormalises over the survivors.
-A never-chosen expert contributes nothing to any calibration token, so pruning only such experts leaves the layer's
-output on those tokens unchanged whenever each token's top-k selection among the survivors is the same (it is: the
-dropped experts were never in anyone's top-k) -- up to the renormalisation of the gates when norm_topk_prob=false.
+A never-chosen expert is in no calibration token's top-k, so pruning only such experts leaves every token's choice
+unchanged, and its gates too when they do not depend on the dropped scores: sigmoid scores, or softmax with the top-k
+gates renormalised (norm_topk_prob, top_k > 1: the survivors' common rescaling cancels). Unnormalised softmax gates
+grow by the dropped experts' share of the probability mass.
 """
 
 from __future__ import annotations
