@@ -13,6 +13,7 @@ import pytest
 
 from moetrain.cli import train_main
 from moetrain.config.compose import ConfigSource, compose_config, run_config_yaml
+from moetrain.config.validate import ConfigError
 from tests.distributed import free_port
 from tests.train_utils import SMALL, losses, read_metrics
 
@@ -122,6 +123,9 @@ def test_run_config_composes_back(tmp_path, router):
     varied = compose_config(["trainer.max_steps=7", "model=small"], source)
     assert varied.trainer.max_steps == 7 and varied.model.name == "small" and varied.model.dim == 384
     assert varied.optim.lr == 1e-3 and varied.router == cfg.router
+    other = "router=top_p" if router else "router=expert_choice"  # the run's method would win over the preset's keys
+    with pytest.raises(ConfigError, match="cannot change the routing method"):
+        compose_config([other], source)
 
 
 # -------------------------------------------------------------------------------------------------------- sweeps

@@ -86,6 +86,9 @@ def compose_dictconfig(overrides: Sequence[str] = (), config_name: str = "train"
         with open_dict(dcfg):
             del dcfg["hydra"]
     except (HydraException, OmegaConfBaseException, ValueError) as e:
+        if source.config_name != "train" and "ConfigKeyError" in str(e) and any(
+                re.match(r"^router(@[^=]*)?=", o) for o in overrides):  # a run's router keys on another method
+            raise ConfigError(ROUTER_FIXED) from None
         raise ConfigError(describe_error(e, source.config_name)) from None
     extra = next(unknown_keys(OmegaConf.to_container(dcfg, resolve=False)), None)
     if extra is not None:  # `+key=value` adds a key the schema lacks; it would be dropped without a word
@@ -186,9 +189,27 @@ def compose_config(overrides: Sequence[str] = (), source: Optional[ConfigSource]
 
     dcfg = compose_dictconfig(overrides, source=source)
     try:
-        return OmegaConf.to_object(dcfg)
+        cfg = OmegaConf.to_object(dcfg)
     except OmegaConfBaseException as e:
         raise ConfigError(one_line(f"bad config value: {str(e).strip().splitlines()[0]}")) from None
+    _check_router_node(cfg)
+    return cfg
+
+
+def _check_router_node(cfg: TrainConfig) -> None:
+    """A router preset merged under a config that sets another method (`-cd RUN -cn config router=expert_choice`:
+    the run's own router values, `method: topk` among them, land on top of the preset) would train the run's method
+    with the preset's keys unused; refuse it. (A method set without its preset is validate.py's to report.)"""
+    from moetrain.moe.routers import ROUTERS
+
+    cls = ROUTERS.get(cfg.router.method)
+    if cls is not None and type(cfg.router) is not cls.config_cls and isinstance(cfg.router, cls.config_cls):
+        raise ConfigError(ROUTER_FIXED)
+
+
+ROUTER_FIXED = ("router=NAME cannot change the routing method of a run directory's config.yaml (its router keys are "
+                "the run's method's); change router.* keys, or choose router=NAME starting from the package config "
+                "(without -cd/-cn)")
 
 
 # The groups a run's config.yaml leaves open (`model: null`): selecting one on the command line (`model=small`) merges
