@@ -8,6 +8,7 @@ ends with the tokenizer's identity (`...-hf-<sha256 prefix>-<vocab>`).
 
 from __future__ import annotations
 
+import os
 import sys
 import sysconfig
 from pathlib import Path
@@ -22,8 +23,13 @@ SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2
 
 
 def stdlib_files() -> list[Path]:
+    """The corpus files. The walk prunes SKIP_DIRS instead of filtering afterwards, so it never enters
+    site-packages: a package being installed or removed meanwhile can neither change nor break it."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = [p for p in root.rglob("*.py") if not (set(p.relative_to(root).parts[:-1]) & SKIP_DIRS)]
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS]
+        files += [Path(dirpath) / f for f in filenames if f.endswith(".py")]
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
