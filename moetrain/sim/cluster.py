@@ -92,15 +92,18 @@ class Cluster:
 
 
 def _gpu(name, gpus, flops, hbm, mem, nvlink, nic, notes="") -> Cluster:
-    return Cluster(name, gpus, flops, hbm, mem, intra=Link(5e-6, nvlink), inter=Link(10e-6, nic), notes=notes)
+    # alpha per peer message (NCCL's all-to-all posts one send/receive per peer): assumptions, not measurements
+    return Cluster(name, gpus, flops, hbm, mem, intra=Link(3e-6, nvlink), inter=Link(5e-6, nic), notes=notes)
 
 
-# The CPU machine these tests and benchmarks run on: figures from `moetrain-sim calibrate --world 2` (fp32, one
-# thread per rank, gloo over loopback); see docs/scaling.md for the run and the load it was measured under.
+# The CPU machine these tests and benchmarks run on (2 cores): the calibration probes of bench/sim_validate.py's
+# 2-rank run (fp32, one thread per rank, gloo over loopback); docs/scaling.md has the run and its load.
 CPU_CALIBRATED = Cluster(
-    name="cpu", devices_per_node=64, matmul_flops=100e9, memory_bandwidth=5e9, memory_bytes=64e9,
-    intra=Link(2e-4, 1.5e9), inter=Link(2e-4, 1.5e9), dtype_bytes=4, matmul_efficiency=1.0, grouped_efficiency=0.9,
-    memory_efficiency=1.0, cores=2.0, notes="placeholder until calibrated")
+    name="cpu", devices_per_node=64, matmul_flops=78.7e9, memory_bandwidth=23.0e9, memory_bytes=64e9,
+    intra=Link(6.7e-4, 2.19e9, shared=True), inter=Link(6.7e-4, 2.19e9, shared=True), dtype_bytes=4,
+    matmul_efficiency=1.0, grouped_efficiency=0.95, memory_efficiency=1.0, permute_passes=56.0, cores=2.0,
+    host_copy_bandwidth=2.19e9,
+    notes="bench/sim_validate.py probes, 2 ranks, load average 1.7-2.1 (docs/scaling.md)")
 
 PRESETS: dict[str, Cluster] = {
     "h100": _gpu("h100", 8, 989e12, 3.35e12, 80e9, 450 * GB, 50 * GB, "DGX H100: 8x H100 SXM, NVLink 4, 8x 400G IB"),

@@ -74,6 +74,25 @@ def routed_rows(counts_SE: torch.Tensor, placement: Placement, degree: int) -> t
     return rows_CSD, rows_DEC
 
 
+def chunk_schedule(wire_C: Sequence[float], compute_C: Sequence[float], host_C: Sequence[float], before: float,
+                   gather: float) -> float:
+    """Seconds from the first dispatch to the last combine of n chunks: dispatches 0..n-1 queued at once on the
+    comm lane, then `gather` (spAG); the compute lane first spends `before` (shared experts), then chunk c starts
+    once its dispatch (and the gather) arrived and chunk c-1 is done, and takes compute_C[c] plus the host copies of
+    its dispatch and combine (2 host_C[c]); its combine is queued behind everything issued before it."""
+    comm, arrived = 0.0, []
+    for w in wire_C:
+        comm += w
+        arrived.append(comm)
+    comm += gather
+    gathered = comm if gather else 0.0
+    compute = before
+    for j, x in enumerate(compute_C):
+        compute = max(compute, arrived[j], gathered) + x + 2 * host_C[j]
+        comm = max(comm, compute) + wire_C[j]
+    return max(comm, compute)
+
+
 @dataclass
 class LayerPrediction:
     """Seconds of one MoE layer, forward + backward, one micro-batch; traffic per rank; the placement used."""
@@ -106,9 +125,12 @@ class LayerPrediction:
 def moe_layer(cluster: Cluster, world: int, num_experts: int, top_k: float, dim: int, hidden: int, tokens: int,
               load_E: torch.Tensor, mode: str = "ep", degree: int = 1, budget: int = 0, rematerialize: bool = False,
               reshard: bool = False, shared_hidden: int = 0, payload_bytes: Optional[int] = None,
-              hierarchical: bool = False, sharing_ranks: Optional[int] = None) -> LayerPrediction:
+              hierarchical: bool = False, sharing_ranks: Optional[int] = None,
+              backward_overlap: bool = False, prefetch_gather: bool = False) -> LayerPrediction:
     """Predict one MoE layer (module docstring). `load_E`: the share of copies per expert (sums to 1); `world`: the
-    expert group's size; `sharing_ranks`: ranks sharing the CPU's cores (default `world`)."""
+    expert group's size; `sharing_ranks`: ranks sharing the CPU's cores (default `world`); `backward_overlap`:
+    pipeline the backward like the forward, `prefetch_gather`: hide spAG / spRS behind the neighbouring layers'
+    compute (approximated by this layer's); neither is what moetrain does: they compare with Tutel and Hecate."""
     W, E, D, F, T = world, num_experts, dim, hidden, tokens
     b = payload_bytes or cluster.dtype_bytes
     cores = cluster.cores
@@ -163,22 +185,20 @@ def moe_layer(cluster: Cluster, world: int, num_experts: int, top_k: float, dim:
     shared = 3 * 3 * matmul_time(T, D, shared_hidden, cluster) * share if shared_hidden else 0.0
 
     # ---- forward schedule: one comm lane (collectives in issue order), one compute lane
-    comm, dispatch_end = 0.0, []
-    for j in range(n):
-        comm += wire_C[j]
-        dispatch_end.append(comm)
-    if spag:
-        comm += spag - sparse_host
-    spag_end = comm
-    compute = shared / 3 + sparse_host
-    for j in range(n):
-        start = max(compute, dispatch_end[j], spag_end if spag else 0.0)
-        compute = start + x_C[j] + 2 * host_C[j]  # the chunk's dispatch and combine copies on the core
-        comm = max(comm, compute) + wire_C[j]
-    forward = router_permute / 3 + max(comm, compute)
+    gather = max(0.0, spag - sparse_host)
+    reduce = spag
+    if prefetch_gather:  # Hecate's overlap: spAG runs during the previous layer's compute, spRS during the next's
+        gather = max(0.0, gather - (router_permute + shared + sum(x_C) * 3 + sum(a2a_C) * 4) / 3)
+        reduce = max(0.0, spag - 2 * (router_permute + shared + sum(x_C) * 3) / 3)
+    forward = router_permute / 3 + chunk_schedule(wire_C, x_C, host_C, shared / 3 + sparse_host, gather)
     # ---- backward: reverse all-to-alls waited for in turn, gradient GEMMs, spRS (+ re-gather)
-    backward = (2 * router_permute / 3 + 2 * shared / 3 + sum(2 * a + 2 * x for a, x in zip(a2a_C, x_C))
-                + spag * (2 if rematerialize else 1))
+    regather = spag if rematerialize else 0.0
+    if backward_overlap:  # what a pipelined backward would give (Tutel's layer): the same schedule, 2x compute
+        backward = (2 * router_permute / 3 + reduce + regather
+                    + chunk_schedule(wire_C, [2 * x for x in x_C], host_C, 2 * shared / 3, 0.0))
+    else:
+        backward = (2 * router_permute / 3 + 2 * shared / 3 + sum(2 * a + 2 * x for a, x in zip(a2a_C, x_C))
+                    + reduce + regather)
 
     rows_W = rows_DC.sum(1)
     off_rank = rows_CSD.sum(0).clone()

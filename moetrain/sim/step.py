@@ -117,10 +117,12 @@ def layout_name(cfg: TrainConfig) -> str:
 
 
 def simulate(cfg: TrainConfig, world: int, cluster: Cluster, routing: RoutingLoad, step: int = 0,
-             hierarchical: bool = False, degree: Optional[int] = None) -> StepPrediction:
+             hierarchical: bool = False, degree: Optional[int] = None, prefetch_gather: bool = False
+             ) -> StepPrediction:
     """Predict one optimizer step of `cfg` on `world` devices of `cluster` (module docstring). Raises ConfigError
     (one line per problem) when the layout does not fit the world size, as the dry run does. `degree` overrides
-    parallel.pipeline_degree (`auto` is simulated as the best of 1, 2, 4, 8 by `best_degree`)."""
+    parallel.pipeline_degree (`auto` is simulated as degree 1: compare the degrees with `--compare`);
+    `prefetch_gather` hides FSSDP's spAG/spRS behind compute as Hecate does (moetrain does not)."""
     from moetrain.moe.routers import router_class
 
     cfg = for_cluster(cfg, cluster)
@@ -156,7 +158,7 @@ def simulate(cfg: TrainConfig, world: int, cluster: Cluster, routing: RoutingLoa
                                         degree=degree, budget=par.fssdp.budget,
                                         rematerialize=par.fssdp.rematerialize, reshard=par.fssdp.reshard_every > 0,
                                         shared_hidden=blk["shared"], payload_bytes=b, hierarchical=hierarchical,
-                                        sharing_ranks=world)
+                                        sharing_ranks=world, prefetch_gather=prefetch_gather)
             moe.append(layers[key])
             moe_index += 1
         else:
