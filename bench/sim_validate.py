@@ -1,6 +1,8 @@
 """The scaling simulator against our own CPU benchmarks: predicted vs measured, one script.
 
-    python bench/sim_validate.py [--iters 7] [--warmup 2] [--netns-rate 2gbit] [--out docs/figures/scaling/validation.json]
+    python bench/sim_validate.py [--iters 7] [--warmup 2] [--netns-rate 2gbit ...] [--out FILE.json]
+    python bench/sim_validate.py --from-json docs/figures/scaling/validation.json    # re-predict, no measuring
+    python bench/sim_validate.py --published                                        # predicted vs published
 
 Rows (fp32, one thread per rank, gloo over loopback; E=8, K=2, D=512, F=1024):
   * EP vs FSSDP (budget 2) under Zipf 1.2 routing, 2 ranks x 4096 tokens and 4 ranks x 2048 tokens: the set-up of
@@ -10,8 +12,8 @@ Rows (fp32, one thread per rank, gloo over loopback; E=8, K=2, D=512, F=1024):
 
 Every measurement of a run happens in the same W processes, interleaved iteration by iteration and rotated in order
 so that the machine's load hits all alike: the benchmark rows and the calibration probes the prediction is made
-from (fp32 matmul with all ranks busy, and with rank 0 alone for reference; moetrain's grouped SwiGLU, a tensor copy, the
-permutation path of the all-to-all dispatcher without its all-to-all, and gloo all_to_all_single at two sizes).
+from (moetrain/sim/calibrate.py: fp32 matmul, moetrain's grouped SwiGLU, a tensor copy, the permutation path of the
+all-to-all dispatcher without its all-to-all, and gloo all_to_all_single at two sizes).
 An iteration's time is the slowest rank's; reported: median and [min, max] over the timed iterations. The prediction
 is `moetrain.sim.layer.moe_layer` on a `Cluster` built from the probes' medians of the same run.
 """
@@ -19,7 +21,6 @@ is `moetrain.sim.layer.moe_layer` on a `Cluster` built from the probes' medians 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -34,108 +35,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-from moetrain.sim.cluster import CPU_CALIBRATED, Link  # noqa: E402
+from moetrain.sim.calibrate import Probes, cluster_from_probes  # noqa: E402
 from moetrain.sim.layer import moe_layer  # noqa: E402
 from moetrain.sim.routing import topk_distinct_share, zipf  # noqa: E402
 
-E, K, D, F = 8, 2, 512, 1024
-A2A_SMALL, A2A_LARGE = 1 << 18, 1 << 23  # bytes each rank sends in the two all-to-all probes
+E, K, D, F = 8, 2, 512, 1024  # the probes' shapes too (moetrain/sim/calibrate.py)
 NETNS = "moetrain-sim-validate"
-
-
-# ------------------------------------------------------------------------------------------------ probes
-class Probes:
-    """Calibration micro-benchmarks run inside the benchmark's processes (module docstring)."""
-
-    def __init__(self, rank: int, world: int, tokens: int):
-        from moetrain.moe.plan import build_plan
-
-        self.rank, self.world, self.tokens = rank, world, tokens
-        R = tokens * K
-        L = E // world
-        g = torch.Generator().manual_seed(rank)
-        self.a, self.w = torch.randn(R, D, generator=g), torch.randn(D, F, generator=g)
-        self.x_R = torch.randn(R, D, generator=g)
-        self.w1, self.w3 = torch.randn(L, D, F, generator=g) * 0.02, torch.randn(L, D, F, generator=g) * 0.02
-        self.w2 = torch.randn(L, F, D, generator=g) * 0.02
-        for t in (self.w1, self.w3, self.w2):
-            t.requires_grad_()
-        self.counts_L = torch.full((L,), R // L)
-        self.copy_src, self.copy_dst = torch.randn(1 << 23), torch.empty(1 << 23)
-        self.x_T = torch.randn(tokens, D, generator=g)
-        topk = torch.stack([(torch.arange(tokens) * K + k) % E for k in range(K)], 1)
-        self.plan = build_plan(topk, torch.full((tokens, K), 1.0 / K), E)
-        self.perm = torch.randperm(R, generator=g)
-        self.inv = torch.argsort(self.perm)
-        self.names = ["matmul", "matmul_alone", "grouped", "copy", "permute", "a2a_small", "a2a_large"]
-
-    def run(self, name: str) -> float:
-        dist.barrier()
-        t0 = time.perf_counter()
-        getattr(self, "_" + name)()
-        elapsed = torch.tensor([time.perf_counter() - t0])
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-        return elapsed.item()
-
-    def _matmul(self):
-        self.a @ self.w
-
-    def _matmul_alone(self):
-        if self.rank == 0:
-            self.a @ self.w
-
-    def _grouped(self):
-        from moetrain.kernels.grouped_gemm import grouped_swiglu
-
-        x = self.x_R.requires_grad_()
-        grouped_swiglu(x, self.w1, self.w3, self.w2, self.counts_L).backward(self.x_R)
-        x.grad = None
-        for t in (self.w1, self.w3, self.w2):
-            t.grad = None
-        self.x_R = self.x_R.detach()
-
-    def _copy(self):
-        self.copy_dst.copy_(self.copy_src)
-
-    def _permute(self):
-        from moetrain.moe.plan import permute, permute_rows, unpermute
-
-        x = self.x_T.clone().requires_grad_()
-        rows = permute(x, self.plan)
-        rows = permute_rows(permute_rows(rows, self.perm, self.inv), self.inv, self.perm)
-        unpermute(rows, self.plan).backward(self.x_T)
-
-    def _a2a(self, nbytes: int):
-        n = nbytes // 4 - (nbytes // 4) % self.world
-        dist.all_to_all_single(torch.empty(n), torch.ones(n))
-
-    def _a2a_small(self):
-        self._a2a(A2A_SMALL)
-
-    def _a2a_large(self):
-        self._a2a(A2A_LARGE)
-
-
-def cluster_from_probes(med: dict, world: int, tokens: int, host_copy_bandwidth=None):
-    """The CPU cluster the medians of one run imply. The probes run on all ranks at once, so they give the rate a
-    rank gets while every rank computes; with more ranks than cores (`os.cpu_count()`) that is C/W of a core, and a
-    rank's one-core rate (what `Cluster.matmul_flops` means) is the probe's rate times W/C."""
-    R = tokens * K
-    cores = float(os.cpu_count() or 1)
-    share = max(1.0, world / cores)
-    together = 2 * R * D * F / med["matmul"]
-    grouped = 3 * 6 * R * D * F / med["grouped"]
-    copy = 2 * 4 * (1 << 23) / med["copy"]
-    passes = med["permute"] * copy / (R * D * 4)  # time = passes * R*D*4 / copy rate, with every rank busy
-    sizes = [A2A_SMALL, A2A_LARGE]
-    moved = [s * (world - 1) / world * world for s in sizes]  # bytes all ranks send off-rank
-    slope = (med["a2a_large"] - med["a2a_small"]) / (moved[1] - moved[0])
-    alpha = max(1e-6, med["a2a_small"] - slope * moved[0]) / (world - 1)
-    link = Link(alpha, 1.0 / max(slope, 1e-12), shared=True)
-    return dataclasses.replace(
-        CPU_CALIBRATED, matmul_flops=together * share, matmul_efficiency=1.0, grouped_efficiency=grouped / together,
-        memory_bandwidth=copy * share, memory_efficiency=1.0, cores=cores, permute_passes=passes, intra=link,
-        inter=link, host_copy_bandwidth=host_copy_bandwidth or link.bandwidth, notes="from sim_validate probes")
 
 
 # ---------------------------------------------------------------------------------------------- benches

@@ -246,3 +246,29 @@ def test_cli_predicts_and_compares(capsys):
 def test_layout_errors_come_from_the_validator(olmoe_cfg):
     with pytest.raises(ConfigError):
         simulate(olmoe_cfg, 12, H100, balanced(64))
+
+
+def test_calibration_figures_from_probe_times(tmp_path, capsys):
+    """cluster_from_probes turns probe medians into a cluster (formulas in moetrain/sim/calibrate.py), and the
+    cluster file round-trips through `--cluster FILE.json`."""
+    from moetrain.sim.calibrate import A2A_LARGE, A2A_SMALL, COPY_NUMEL, D, F, K, cluster_from_probes
+
+    W, T = 2, 4096
+    R = T * K
+    alpha, bw = 5e-4, 2e9
+    moved = [s * (W - 1) for s in (A2A_SMALL, A2A_LARGE)]  # bytes all ranks send off-rank (each keeps 1/W)
+    med = {"matmul": 2 * R * D * F / 50e9, "matmul_alone": 1.0, "grouped": 3 * 6 * R * D * F / 40e9,
+           "copy": 8 * COPY_NUMEL / 20e9, "permute": 16 * R * D * 4 / 20e9,
+           "a2a_small": alpha + moved[0] / bw, "a2a_large": alpha + moved[1] / bw}
+    c = cluster_from_probes(med, W, T)
+    assert c.matmul_flops == pytest.approx(50e9 * max(1.0, W / c.cores))
+    assert c.grouped_efficiency == pytest.approx(0.8) and c.permute_passes == pytest.approx(16)
+    assert c.intra.alpha == pytest.approx(alpha) and c.intra.bandwidth == pytest.approx(bw) and c.intra.shared
+    path = tmp_path / "cpu.json"
+    path.write_text(json.dumps(c.to_json()))
+    assert sim_main(["--cluster", str(path), "--gpus", "2", "--routing", "zipf:1.2", *SMALL, "parallel.ep=2"]) == 0
+    assert "on 2 x cpu" in capsys.readouterr().out
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    assert sim_main(["--cluster", str(bad)]) == 2
+    assert "not a cluster file" in capsys.readouterr().err

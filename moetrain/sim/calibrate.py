@@ -1,22 +1,21 @@
 """`moetrain-sim calibrate`: measure this machine's figures for the simulator's CPU cluster.
 
-    moetrain-sim calibrate [--world 2] [--netns-rate 2gbit] [--out FILE.json] [--quick]
+    moetrain-sim calibrate [--world 2] [--iters 5] [--netns-rate 2gbit] [--out FILE.json]
 
-Measured, one thread per rank as the benchmarks and tests run (medians of repeated timings):
-  * matmul_flops: fp32 (T*K x D) @ (D x F) matmul FLOP/s of one rank, with `--world` ranks computing at once (on
-    a shared machine that is the rate a rank gets);
-  * cores: world * (rate with world ranks at once) / (rate of one process alone): the cores the ranks really share;
-  * grouped_efficiency: moetrain's grouped SwiGLU (kernels/grouped_gemm.py), forward + backward, FLOP/s over the
-    matmul rate;
-  * memory_bandwidth: bytes/s of a large tensor copy (read + write);
-  * permute_passes: the routed-row passes of one MoE layer outside its GEMMs: a one-process layer's forward +
-    backward minus its grouped SwiGLU and router, in units of R*D*4 bytes at the copy bandwidth;
-  * intra link (alpha, bandwidth, shared): gloo all_to_all_single over loopback between `--world` ranks at 7
-    message sizes, least squares t = alpha*(W-1) + (bytes sent by all ranks)/bandwidth; the same bandwidth is the
-    rate at which the cores copy all-to-all payload (host_copy_bandwidth);
-  * with `--netns-rate R` (root only): the same fit inside a network namespace whose loopback is rate-limited
-    (tc tbf, burst 256 KiB: above the 64 KiB loopback MTU, as bench/pipeline.py does), written as a second
-    cluster `cpu-R` (to FILE-R.json) (the wire is that link; the cores still copy at the plain loopback rate).
+`--world` gloo ranks (one thread each, as the benchmarks and tests run) repeat a set of probes, rotated in order
+every iteration so that the machine's load hits them alike; each probe's time is the slowest rank's, the figure its
+median. bench/sim_validate.py runs the same probes interleaved with the benchmarks it predicts.
+  * matmul: fp32 (T*K x D) @ (D x F) with every rank busy -> `matmul_flops` (one core's rate: x W/C when W ranks share
+    C = os.cpu_count() cores); `matmul_alone` (rank 0 only) is kept for reference;
+  * grouped: moetrain's grouped SwiGLU (kernels/grouped_gemm.py), forward + backward -> `grouped_efficiency`;
+  * copy: a 32 MiB tensor copy (read + write) -> `memory_bandwidth`;
+  * permute: the all-to-all dispatcher's permutation path without its all-to-all (permute, regroup, restore,
+    unpermute; forward + backward) -> `permute_passes`, in units of R*D*4 bytes at the copy rate;
+  * a2a_small / a2a_large: gloo all_to_all_single of 256 KiB and 8 MiB per rank -> the intra link (alpha per peer,
+    bandwidth shared by all ranks: loopback) and the rate at which the cores copy all-to-all payload;
+  * with `--netns-rate R` (root only) the all-to-all probes are measured again inside a network namespace whose
+    loopback is rate-limited (tc tbf, burst 256 KiB: above the 64 KiB loopback MTU, as bench/pipeline.py does),
+    written as a second cluster `cpu-R` (FILE-R.json): the wire is that link, the cores still copy at the plain rate.
 """
 
 from __future__ import annotations
@@ -31,172 +30,155 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 
-from moetrain.sim.cluster import CPU_CALIBRATED, Cluster, Link
+from moetrain.sim.cluster import CPU_CALIBRATED, Link
 
 NETNS = "moetrain-sim-calibrate"
-A2A_SIZES = (1 << 16, 1 << 18, 1 << 20, 1 << 21, 1 << 22, 1 << 23, 1 << 24)  # bytes each rank sends in total
+E, K, D, F = 8, 2, 512, 1024  # probe shapes: bench/fssdp_bench.py's and bench/pipeline.py's layer
+A2A_SMALL, A2A_LARGE = 1 << 18, 1 << 23  # bytes each rank sends in the two all-to-all probes
+COPY_NUMEL = 1 << 23
 
 
-def _median_time(fn, reps: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
+class Probes:
+    """The calibration micro-benchmarks of one rank (module docstring); `run(name)` times one, slowest rank."""
+
+    NAMES = ("matmul", "matmul_alone", "grouped", "copy", "permute", "a2a_small", "a2a_large")
+
+    def __init__(self, rank: int, world: int, tokens: int):
+        from moetrain.moe.plan import build_plan
+
+        self.rank, self.world, self.tokens = rank, world, tokens
+        R = tokens * K
+        L = E // world
+        g = torch.Generator().manual_seed(rank)
+        self.a, self.w = torch.randn(R, D, generator=g), torch.randn(D, F, generator=g)
+        self.x_R = torch.randn(R, D, generator=g)
+        self.w1, self.w3 = torch.randn(L, D, F, generator=g) * 0.02, torch.randn(L, D, F, generator=g) * 0.02
+        self.w2 = torch.randn(L, F, D, generator=g) * 0.02
+        for t in (self.w1, self.w3, self.w2):
+            t.requires_grad_()
+        self.counts_L = torch.full((L,), R // L)
+        self.copy_src, self.copy_dst = torch.randn(COPY_NUMEL), torch.empty(COPY_NUMEL)
+        self.x_T = torch.randn(tokens, D, generator=g)
+        topk = torch.stack([(torch.arange(tokens) * K + k) % E for k in range(K)], 1)
+        self.plan = build_plan(topk, torch.full((tokens, K), 1.0 / K), E)
+        self.perm = torch.randperm(R, generator=g)
+        self.inv = torch.argsort(self.perm)
+        self.names = list(self.NAMES)
+
+    def run(self, name: str) -> float:
+        dist.barrier()
         t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        getattr(self, "_" + name)()
+        elapsed = torch.tensor([time.perf_counter() - t0])
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        return elapsed.item()
+
+    def _matmul(self):
+        self.a @ self.w
+
+    def _matmul_alone(self):
+        if self.rank == 0:
+            self.a @ self.w
+
+    def _grouped(self):
+        from moetrain.kernels.grouped_gemm import grouped_swiglu
+
+        x = self.x_R.requires_grad_()
+        grouped_swiglu(x, self.w1, self.w3, self.w2, self.counts_L).backward(self.x_R)
+        x.grad = None
+        for t in (self.w1, self.w3, self.w2):
+            t.grad = None
+        self.x_R = self.x_R.detach()
+
+    def _copy(self):
+        self.copy_dst.copy_(self.copy_src)
+
+    def _permute(self):
+        from moetrain.moe.plan import permute, permute_rows, unpermute
+
+        x = self.x_T.clone().requires_grad_()
+        rows = permute(x, self.plan)
+        rows = permute_rows(permute_rows(rows, self.perm, self.inv), self.inv, self.perm)
+        unpermute(rows, self.plan).backward(self.x_T)
+
+    def _a2a(self, nbytes: int):
+        n = nbytes // 4 - (nbytes // 4) % self.world
+        dist.all_to_all_single(torch.empty(n), torch.ones(n))
+
+    def _a2a_small(self):
+        self._a2a(A2A_SMALL)
+
+    def _a2a_large(self):
+        self._a2a(A2A_LARGE)
 
 
-def matmul_rate(rows: int = 8192, dim: int = 512, hidden: int = 1024, reps: int = 5) -> float:
-    a, w = torch.randn(rows, dim), torch.randn(dim, hidden)
-    return 2 * rows * dim * hidden / _median_time(lambda: a @ w, reps)
+def cluster_from_probes(med: dict, world: int, tokens: int, host_copy_bandwidth=None):
+    """The CPU cluster the medians of one run imply. The probes run on all ranks at once, so they give the rate a
+    rank gets while every rank computes; with more ranks than cores (`os.cpu_count()`) that is C/W of a core, and a
+    rank's one-core rate (what `Cluster.matmul_flops` means) is the probe's rate times W/C."""
+    R = tokens * K
+    cores = float(os.cpu_count() or 1)
+    share = max(1.0, world / cores)
+    together = 2 * R * D * F / med["matmul"]
+    grouped = 3 * 6 * R * D * F / med["grouped"]
+    copy = 2 * 4 * COPY_NUMEL / med["copy"]
+    passes = med["permute"] * copy / (R * D * 4)  # time = passes * R*D*4 / copy rate, with every rank busy
+    sizes = [A2A_SMALL, A2A_LARGE]
+    moved = [s * (world - 1) / world * world for s in sizes]  # bytes all ranks send off-rank
+    slope = (med["a2a_large"] - med["a2a_small"]) / (moved[1] - moved[0])
+    alpha = max(1e-6, med["a2a_small"] - slope * moved[0]) / (world - 1)
+    link = Link(alpha, 1.0 / max(slope, 1e-12), shared=True)
+    return dataclasses.replace(
+        CPU_CALIBRATED, matmul_flops=together * share, matmul_efficiency=1.0, grouped_efficiency=grouped / together,
+        memory_bandwidth=copy * share, memory_efficiency=1.0, cores=cores, permute_passes=passes, intra=link,
+        inter=link, host_copy_bandwidth=host_copy_bandwidth or link.bandwidth,
+        notes=f"probes of {world} ranks x {tokens} tokens, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
 
 
-def grouped_rate(rows: int = 8192, experts: int = 4, dim: int = 512, hidden: int = 1024, reps: int = 3) -> float:
-    from moetrain.kernels.grouped_gemm import grouped_swiglu
-
-    x = torch.randn(rows, dim, requires_grad=True)
-    w1, w3 = torch.randn(experts, dim, hidden) * 0.02, torch.randn(experts, dim, hidden) * 0.02
-    w2 = (torch.randn(experts, hidden, dim) * 0.02)
-    for w in (w1, w3, w2):
-        w.requires_grad_()
-    counts = torch.full((experts,), rows // experts)
-    dy = torch.randn(rows, dim)
-
-    def run():
-        grouped_swiglu(x, w1, w3, w2, counts).backward(dy)
-
-    return 3 * 6 * rows * dim * hidden / _median_time(run, reps)
+def _probe_worker(rank, world, tokens, names, iters, warmup):
+    probes = Probes(rank, world, tokens)
+    names = list(names)
+    times = {n: [] for n in names}
+    for i in range(warmup + iters):
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
+            t = probes.run(name)
+            if i >= warmup:
+                times[name].append(t)
+    return times
 
 
-def copy_bandwidth(numel: int = 1 << 24, reps: int = 5) -> float:
-    a, b = torch.randn(numel), torch.empty(numel)
-    return 2 * 4 * numel / _median_time(lambda: b.copy_(a), reps)
-
-
-def layer_overhead(tokens: int = 4096, dim: int = 512, hidden: int = 1024, experts: int = 8, top_k: int = 2,
-                   reps: int = 3) -> float:
-    """Seconds of a one-process MoE layer's forward + backward outside its grouped SwiGLU (router, permutations)."""
-    from moetrain.config.schema import RouterConfig
-    from moetrain.parallel.moe_layer import build_moe_layer
-
-    torch.manual_seed(0)
-    layer = build_moe_layer(dim, hidden, experts, 0, RouterConfig(top_k=top_k, force_balanced=True), layer_id=1)
-    layer.reset_parameters(0.02, 0.02, seed=0)
-    x, dy = torch.randn(1, tokens, dim), torch.randn(1, tokens, dim)
-
-    def run():
-        layer(x.clone().requires_grad_()).backward(dy)
-        layer.zero_grad(set_to_none=True)
-
-    total = _median_time(run, reps)
-    rows = tokens * top_k
-    gemm = 3 * 6 * rows * dim * hidden / grouped_rate(rows, experts, dim, hidden, reps)
-    return max(0.0, total - gemm)
-
-
-def _rates_worker(rank, world, reps):
-    import torch.distributed as dist
-
-    dist.barrier()
-    rate = matmul_rate(reps=reps)
-    dist.barrier()
-    return rate
-
-
-def _a2a_worker(rank, world, sizes, reps):
-    import torch.distributed as dist
-
-    out = {}
-    for size in sizes:
-        numel = size // 4
-        numel -= numel % world
-        x, y = torch.randn(numel), torch.empty(numel)
-        times = []
-        for i in range(reps + 1):
-            dist.barrier()
-            t0 = time.perf_counter()
-            dist.all_to_all_single(y, x)
-            elapsed = torch.tensor([time.perf_counter() - t0])
-            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-            if i:
-                times.append(elapsed.item())
-        out[size] = statistics.median(times)
-    return out
-
-
-def fit_alpha_beta(sizes_bytes, seconds, world: int) -> Link:
-    """Least squares t = alpha*(W-1) + total/bandwidth over (bytes sent off-rank by all ranks, seconds)."""
-    xs = [s * (world - 1) / world * world for s in sizes_bytes]  # every rank keeps 1/W of its buffer
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(seconds) / n
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, seconds)) / sum((x - mx) ** 2 for x in xs)
-    intercept = max(my - slope * mx, 1e-6)
-    return Link(alpha=intercept / (world - 1), bandwidth=1.0 / slope, shared=True)
-
-
-def measure_a2a(world: int, reps: int = 5, sizes=A2A_SIZES) -> tuple[Link, dict]:
+def measure(world: int, tokens: int, names, iters: int = 5, warmup: int = 1) -> dict:
+    """Per-iteration times of the probes `names` on `world` gloo ranks (module docstring)."""
     from moetrain.utils.local_ranks import run_distributed
 
-    times = run_distributed(_a2a_worker, world, list(sizes), reps, timeout=600)[0]
-    return fit_alpha_beta(list(times), list(times.values()), world), times
+    return run_distributed(_probe_worker, world, tokens, list(names), iters, warmup, timeout=1800)[0]
 
 
-def calibrate(world: int = 2, reps: int = 5) -> tuple[Cluster, dict]:
-    """The CPU cluster measured now (module docstring) and the raw figures."""
-    from moetrain.utils.local_ranks import run_distributed
-
-    raw = {"loadavg_before": os.getloadavg()}
-    torch.set_num_threads(1)
-    alone = matmul_rate(reps=reps)
-    together = statistics.mean(run_distributed(_rates_worker, world, reps, timeout=600))
-    grouped = grouped_rate(reps=max(2, reps // 2))
-    copy = copy_bandwidth(reps=reps)
-    overhead = layer_overhead(reps=max(2, reps // 2))
-    link, a2a = measure_a2a(world, reps)
-    raw.update(matmul_alone=alone, matmul_together=together, grouped=grouped, copy=copy,
-               layer_overhead_s=overhead, a2a_seconds={str(k): v for k, v in a2a.items()},
-               loadavg_after=os.getloadavg())
-    cores = min(float(os.cpu_count() or 1), world * together / alone)
-    rows, dim = 4096 * 2, 512
-    cluster = dataclasses.replace(
-        CPU_CALIBRATED, matmul_flops=together, matmul_efficiency=1.0, grouped_efficiency=grouped / alone,
-        memory_bandwidth=copy * together / alone, memory_efficiency=1.0, cores=cores,
-        permute_passes=overhead * copy / (rows * dim * 4), intra=link, inter=link, host_copy_bandwidth=link.bandwidth,
-        notes=f"calibrated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} with {world} ranks, load average "
-              f"{raw['loadavg_before'][0]:.1f}")
-    return cluster, raw
-
-
-def rate_limited(cluster: Cluster, world: int, rate: str, reps: int = 5) -> tuple[Cluster, dict]:
-    """The cluster with its link measured inside a rate-limited loopback namespace (root only)."""
-    if os.geteuid() != 0:
-        raise ValueError("--netns-rate needs root (ip netns, tc); run without it for plain loopback")
+def _rate_limited_a2a(world: int, tokens: int, rate: str, iters: int) -> dict:
     cmds = [["ip", "netns", "add", NETNS], ["ip", "netns", "exec", NETNS, "ip", "link", "set", "lo", "up"],
             ["ip", "netns", "exec", NETNS, "tc", "qdisc", "replace", "dev", "lo", "root", "tbf", "rate", rate,
              "burst", "256kb", "latency", "50ms"]]
+    code = ("import json; from moetrain.sim.calibrate import measure; "
+            f"print(json.dumps(measure({world}, {tokens}, ['a2a_small', 'a2a_large'], {iters})))")
     try:
         for c in cmds:
             subprocess.run(c, check=True, capture_output=True)
-        code = ("import json,sys; from moetrain.sim.calibrate import measure_a2a; "
-                f"link, t = measure_a2a({world}, {reps}); "
-                "print(json.dumps({'alpha': link.alpha, 'bandwidth': link.bandwidth, 'times': t}))")
         out = subprocess.run(["ip", "netns", "exec", NETNS, sys.executable, "-c", code], check=True,
                              capture_output=True, text=True).stdout
     finally:
         subprocess.run(["ip", "netns", "del", NETNS], check=False, capture_output=True)
-    d = json.loads(out.strip().splitlines()[-1])
-    link = Link(d["alpha"], d["bandwidth"], shared=True)
-    return dataclasses.replace(cluster, name=f"cpu-{rate}", intra=link, inter=link), d
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main(argv=None, prog: str = "moetrain-sim calibrate") -> int:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--world", type=int, default=2, help="ranks (one thread each) the figures are measured with")
+    p.add_argument("--tokens", type=int, default=4096, help="tokens per rank of the probe shapes")
+    p.add_argument("--iters", type=int, default=5)
     p.add_argument("--netns-rate", default=None, help="also measure a loopback rate-limited to this rate (root)")
-    p.add_argument("--reps", type=int, default=5)
     p.add_argument("--out", default=None, help="write the cluster as JSON (use it with --cluster FILE.json)")
     args = p.parse_args(argv)
     if args.world < 2:
@@ -205,15 +187,21 @@ def main(argv=None, prog: str = "moetrain-sim calibrate") -> int:
     if args.netns_rate and os.geteuid() != 0:
         print(f"{prog}: error: --netns-rate needs root (ip netns, tc); run without it", file=sys.stderr)
         return 2
-    cluster, raw = calibrate(args.world, args.reps)
-    clusters = [cluster]
+    load = os.getloadavg()[0]
+    times = measure(args.world, args.tokens, Probes.NAMES, args.iters)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    clusters = [cluster_from_probes(med, args.world, args.tokens)]
     if args.netns_rate:
-        clusters.append(rate_limited(cluster, args.world, args.netns_rate, args.reps)[0])
+        limited = {**med, **{k: statistics.median(v) for k, v in
+                             _rate_limited_a2a(args.world, args.tokens, args.netns_rate, args.iters).items()}}
+        c = cluster_from_probes(limited, args.world, args.tokens, clusters[0].intra.bandwidth)
+        clusters.append(dataclasses.replace(c, name=f"cpu-{args.netns_rate}"))
     for c in clusters:
-        print(f"{c.name}: matmul {c.matmul_flops / 1e9:.1f} GFLOP/s/rank, grouped SwiGLU x{c.grouped_efficiency:.2f}, "
-              f"copy {c.memory_bandwidth / 1e9:.2f} GB/s, cores {c.cores:.2f}, permute passes {c.permute_passes:.1f}, "
-              f"all-to-all alpha {c.intra.alpha * 1e6:.0f} us, bandwidth {c.intra.bandwidth / 1e9:.3f} GB/s (shared)")
-    print(f"load average before/after: {raw['loadavg_before'][0]:.2f} / {raw['loadavg_after'][0]:.2f}")
+        print(f"{c.name}: matmul {c.matmul_flops / 1e9:.1f} GFLOP/s per core, "
+              f"grouped SwiGLU x{c.grouped_efficiency:.2f}, "
+              f"copy {c.memory_bandwidth / 1e9:.2f} GB/s, {c.cores:g} cores, permute passes {c.permute_passes:.1f}, "
+              f"all-to-all alpha {c.intra.alpha * 1e6:.0f} us per peer, {c.intra.bandwidth / 1e9:.3f} GB/s shared")
+    print(f"load average (1 min) before / after: {load:.2f} / {os.getloadavg()[0]:.2f}")
     if args.out:
         stem = args.out[:-5] if args.out.endswith(".json") else args.out
         for c, path in zip(clusters, [args.out, f"{stem}-{args.netns_rate}.json"]):

@@ -199,7 +199,8 @@ def simulate(cfg: TrainConfig, world: int, cluster: Cluster, routing: RoutingLoa
 
     parts = dict(attention=n_micro * attention, dense_ffn=n_micro * dense_ffn, experts=n_micro * (experts + recompute),
                  router_permute=n_micro * sum(x.router_permute for x in moe),
-                 all_to_all=n_micro * sum(x.all_to_all for x in moe), sparse_gather=n_micro * sum(x.sparse for x in moe),
+                 all_to_all=n_micro * sum(x.all_to_all for x in moe),
+                 sparse_gather=n_micro * sum(x.sparse for x in moe),
                  fsdp_sync=sync, optimizer=optimizer,
                  exposed_comm=n_micro * sum(x.exposed_comm for x in moe) + exposed_sync)
     total = n_micro * micro + exposed_sync + optimizer
