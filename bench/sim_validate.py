@@ -222,20 +222,20 @@ def published() -> str:
     for D_, F_, T_ in ((1024, 1024, 16384), (2048, 2048, 16384), (4096, 4096, 8192)):
         load = torch.full((E_,), 1 / E_, dtype=torch.float64)
 
-        def layer(n, both=False):
+        def layer(n, both=True):
             return moe_layer(a100, 16, E_, 2, D_, F_, T_, load, degree=n, payload_bytes=2, backward_overlap=both)
 
-        base, base_b = layer(1), layer(1, True)
+        base, base_f = layer(1), layer(1, False)
         ours = max((base.total / layer(n).total, n) for n in (1, 2, 4, 8))
-        both = max((base_b.total / layer(n, True).total, n) for n in (1, 2, 4, 8))
+        fwd_only = max((base_f.total / layer(n, False).total, n) for n in (1, 2, 4, 8))
         fwd = max((base.forward / layer(n).forward, n) for n in (1, 2, 4, 8))
         bound = base.total / max(base.compute, base.all_to_all)
         lines.append(f"| Tutel: adaptive pipelining up to ~2x in communication-bound layers | one MoE layer, 16 A100 "
                      f"= 2 nodes x 8 (NVLink 3, 200 Gbit/s per GPU), E={E_} (8 per GPU), top-2, D={D_}, F={F_}, "
                      f"{T_} tokens per GPU, bf16; all-to-all {100 * base.all_to_all / base.total:.0f}% of degree "
                      f"1's time (perfect overlap: {bound:.2f}x) | balanced | forward {fwd[0]:.2f}x (degree "
-                     f"{fwd[1]}); forward+backward: moetrain's schedule {ours[0]:.2f}x (degree {ours[1]}), both "
-                     f"directions pipelined {both[0]:.2f}x (degree {both[1]}) |")
+                     f"{fwd[1]}); forward+backward {ours[0]:.2f}x (degree {ours[1]}); if the backward did not "
+                     f"overlap: {fwd_only[0]:.2f}x (degree {fwd_only[1]}) |")
     return "\n".join(lines)
 
 

@@ -16,11 +16,13 @@ What is reused rather than re-derived:
 Schedule of one layer (moetrain/moe/layer.py): the n dispatch chunks are issued at once and travel one after another
 (one process group runs its collectives in order); shared experts compute meanwhile; FSSDP's spAG is queued behind
 the dispatches and the experts wait for it; chunk c computes once its dispatch has arrived and the previous chunk is
-done, and its combine is queued as soon as it is computed. Backward runs each chunk's reverse all-to-alls as autograd
-reaches them and waits for them, so the model gives it no overlap (measured: the backward gains little from
-chunking, docs/parallelism.md), then spRS (and the re-gather with re-materialization). On the CPU machine the bytes an
-all-to-all copies through loopback also occupy the rank's core (`Cluster.host_copy_bandwidth`): that part is added to
-the compute lane and cannot overlap; the rest (waiting on a rate-limited wire) can.
+done, and its combine is queued as soon as it is computed. The backward mirrors it: the functional all-to-alls'
+backward is asynchronous too, so the reverse combines are in flight while earlier chunks' gradients compute (the
+measured pipelining gains on a rate-limited loopback need this: docs/scaling.md); `backward_overlap=False` gives the
+pessimistic bound where each reverse all-to-all is waited for in turn. Then spRS (and the re-gather with
+re-materialization). On the CPU machine the bytes an all-to-all copies through loopback also occupy the rank's core
+(`Cluster.host_copy_bandwidth`): that part is added to the compute lane and cannot overlap; the rest (waiting on a
+rate-limited wire) can.
 """
 
 from __future__ import annotations
@@ -126,11 +128,11 @@ def moe_layer(cluster: Cluster, world: int, num_experts: int, top_k: float, dim:
               load_E: torch.Tensor, mode: str = "ep", degree: int = 1, budget: int = 0, rematerialize: bool = False,
               reshard: bool = False, shared_hidden: int = 0, payload_bytes: Optional[int] = None,
               hierarchical: bool = False, sharing_ranks: Optional[int] = None,
-              backward_overlap: bool = False, prefetch_gather: bool = False) -> LayerPrediction:
+              backward_overlap: bool = True, prefetch_gather: bool = False) -> LayerPrediction:
     """Predict one MoE layer (module docstring). `load_E`: the share of copies per expert (sums to 1); `world`: the
     expert group's size; `sharing_ranks`: ranks sharing the CPU's cores (default `world`); `backward_overlap`:
-    pipeline the backward like the forward, `prefetch_gather`: hide spAG / spRS behind the neighbouring layers'
-    compute (approximated by this layer's); neither is what moetrain does: they compare with Tutel and Hecate."""
+    False waits for every reverse all-to-all in turn (a pessimistic bound); `prefetch_gather`: hide spAG / spRS
+    behind the neighbouring layers' compute (approximated by this layer's), as Hecate does and moetrain does not."""
     W, E, D, F, T = world, num_experts, dim, hidden, tokens
     b = payload_bytes or cluster.dtype_bytes
     cores = cluster.cores
@@ -193,7 +195,7 @@ def moe_layer(cluster: Cluster, world: int, num_experts: int, top_k: float, dim:
     forward = router_permute / 3 + chunk_schedule(wire_C, x_C, host_C, shared / 3 + sparse_host, gather)
     # ---- backward: reverse all-to-alls waited for in turn, gradient GEMMs, spRS (+ re-gather)
     regather = spag if rematerialize else 0.0
-    if backward_overlap:  # what a pipelined backward would give (Tutel's layer): the same schedule, 2x compute
+    if backward_overlap:  # the mirrored schedule: reverse all-to-alls issued as gradients arrive, 2x compute
         backward = (2 * router_permute / 3 + reduce + regather
                     + chunk_schedule(wire_C, [2 * x for x in x_C], host_C, 2 * shared / 3, 0.0))
     else:
