@@ -45,7 +45,7 @@ def zipf_topk(T: int, E: int, K: int, s: float, seed: int) -> torch.Tensor:
 def synthetic_router(layer: MoELayer, topk_source):
     router = layer.router
 
-    def forward(x_TD):
+    def forward(x_TD, ctx=None):  # the MoE layer passes its RouteContext; this router needs none of it
         logits = torch.nn.functional.linear(x_TD.float(), router.gate.weight.float())
         scores = torch.softmax(logits, -1)
         topk = topk_source(x_TD.shape[0])

@@ -58,33 +58,11 @@ def _pipeline_layers(world: int):
     return layers
 
 
-def _synthetic_router(layer, topk_source):
-    """bench/fssdp_bench.py's Zipf router (K distinct experts per token drawn from the popularity, gates from the
-    layer's real scores), taking the route context the MoE layer passes."""
-    from moetrain.moe.routers import RouterOutput
-
-    router = layer.router
-
-    def forward(x_TD, ctx=None):
-        logits = torch.nn.functional.linear(x_TD.float(), router.gate.weight.float())
-        scores = torch.softmax(logits, -1)
-        topk = topk_source(x_TD.shape[0])
-        gates = scores.gather(1, topk)
-        gates = gates / gates.sum(-1, keepdim=True)
-        counts = torch.bincount(topk.flatten(), minlength=scores.shape[1]).float()
-        return RouterOutput(topk, gates, scores, logits, counts)
-
-    router.forward = forward
-
-
 def worker(rank, world, args):
     torch.manual_seed(rank)
     probes = Probes(rank, world, args.tokens)
     if args.bench == "fssdp":
-        import fssdp_bench
         from fssdp_bench import Mode
-
-        fssdp_bench.synthetic_router = _synthetic_router  # the router is called with a RouteContext now
 
         bench_args = argparse.Namespace(experts=E, top_k=K, dim=D, hidden=F, tokens=args.tokens, zipf=args.zipf,
                                         budget=2, rematerialize=False, warmup=args.warmup, iters=args.iters)
