@@ -39,7 +39,7 @@ from moetrain.data.loader import build_loader
 from moetrain.interop.run_dir import load_run_model
 from moetrain.train import checkpoint as ckpt
 
-REFERENCE_STEPS = 500
+REFERENCE_STEPS = 1500
 REFERENCE = ["model=tiny", "model.num_experts=16", "model.moe_hidden=64", "model.dim=64", "model.n_layers=3",
              "model.ffn_hidden=256", "data.seq_len=64", "data.micro_batch_size=16",
              f"trainer.max_steps={REFERENCE_STEPS}", "trainer.log_every=50", "trainer.eval_every=0",
