@@ -42,11 +42,13 @@ FIELDS = dict(leaf_fields())
 def bad_candidates(tp) -> list[str]:
     """Override values that some key of type `tp` cannot take; a key whose check accepts all of them is unchecked."""
     base = next(a for a in typing.get_args(tp) if a is not type(None)) if typing.get_origin(tp) is typing.Union else tp
+    base = typing.get_origin(base) or base  # list[int] -> list
     return {
         bool: ["maybe"],
         int: ["-1", "-1000000000"],  # not 2**64: every int key fails that (64-bit check), checked or not
         float: ["nan", "-1", "inf", "0", "2"],
         str: ["bogus-value", "''", "/proc/moetrain-no-such-dir/x"],
+        list: ["[-1]", "[0,0,0]"],
     }[base]
 
 
