@@ -32,19 +32,21 @@ from moetrain.utils.local_ranks import run_distributed  # noqa: E402
 NETNS = "moetrain-bench"
 
 
+def fwd_bwd_seconds(layer: MoELayer, x, dy) -> float:
+    """One forward + backward of `layer` on x (gradient dy), after a barrier: the slowest rank's seconds."""
+    xi = x.clone().requires_grad_()
+    dist.barrier()
+    t0 = time.perf_counter()
+    layer(xi[None]).backward(dy[None])
+    elapsed = torch.tensor([time.perf_counter() - t0])
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    layer.zero_grad(set_to_none=True)
+    return elapsed.item()
+
+
 def time_degree(layer: MoELayer, x, dy, iters: int, warmup: int) -> float:
-    times = []
-    for i in range(warmup + iters):
-        xi = x.clone().requires_grad_()
-        dist.barrier()
-        t0 = time.perf_counter()
-        layer(xi[None]).backward(dy[None])
-        elapsed = torch.tensor([time.perf_counter() - t0])
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-        layer.zero_grad(set_to_none=True)
-        if i >= warmup:
-            times.append(elapsed.item())
-    return statistics.median(times)
+    times = [fwd_bwd_seconds(layer, x, dy) for _ in range(warmup + iters)]
+    return statistics.median(times[warmup:])
 
 
 def worker(rank, world, args):

@@ -26,7 +26,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 import torch.distributed as dist
@@ -77,16 +76,10 @@ def worker(rank, world, args):
         g = torch.Generator().manual_seed(rank)
         x, dy = torch.randn(args.tokens, D, generator=g), torch.randn(args.tokens, D, generator=g)
 
+        from pipeline import fwd_bwd_seconds
+
         def step(name, i):
-            layer = layers[name]
-            xi = x.clone().requires_grad_()
-            dist.barrier()
-            t0 = time.perf_counter()
-            layer(xi[None]).backward(dy[None])
-            elapsed = torch.tensor([time.perf_counter() - t0])
-            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-            layer.zero_grad(set_to_none=True)
-            return elapsed.item()
+            return fwd_bwd_seconds(layers[name], x, dy)
 
         modes = layers
     names = list(modes) + probes.names
