@@ -196,7 +196,11 @@ def test_a_later_token_can_take_an_earlier_tokens_expert_in_training():
         y, y_other = layer(x_BSD), layer(other)
         assert not torch.allclose(y[0, :-1], y_other[0, :-1])
         layer.eval()
-        torch.testing.assert_close(layer(x_BSD)[0, :-1], layer(other)[0, :-1], rtol=0, atol=0)
+        # In eval the earlier tokens' routing is exactly the same; their outputs agree to float rounding only,
+        # because the changed last token changes an expert's row count, and with it the GEMM's blocking.
+        before, after = (layer.router(t.view(S, D), RouteContext((1, S))) for t in (x_BSD, other))
+        assert torch.equal(chosen(before)[:-1], chosen(after)[:-1])
+        torch.testing.assert_close(layer(x_BSD)[0, :-1], layer(other)[0, :-1], rtol=1e-5, atol=1e-6)
 
 
 def test_layer_matches_the_dense_reference_with_the_keep_mask():
