@@ -388,3 +388,6 @@ def test_an_imported_model_continues_training(hf_models, tmp_path):
     values = [curve[s] for s in sorted(curve)]
     assert all(math.isfinite(v) for v in values)
     assert sum(values[-3:]) / 3 < sum(values[:3]) / 3 - 0.1, values
+    # Mixtral has no selection bias, so the import trains without one and the trained run exports as Mixtral.
+    export_hf(out, tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "mixtral"

@@ -40,7 +40,12 @@ def hf_config_to_moetrain(hf_config: dict) -> tuple[dict, dict]:
         method = hf_config["quantization_config"].get("quant_method", "?")
         raise c.refuse("quantization_config.quant_method", method, "quantized checkpoints do not import; "
                        "dequantize the weights to bf16 or fp32 first")
-    return family.to_moetrain(hf_config)
+    model_keys, router_keys = family.to_moetrain(hf_config)
+    if family.moe and not family.has_expert_bias:
+        # The architecture routes without a selection bias: training keeps it that way (the run stays exportable to
+        # its own architecture); router.bias_update_rate=... on the command line turns the bias back on.
+        router_keys.setdefault("bias_update_rate", 0.0)
+    return model_keys, router_keys
 
 
 def _pinned(overrides: Sequence[str]) -> set[str]:
