@@ -31,13 +31,11 @@ WEIGHTS_ONLY = "weights_only"  # trainer_state key of a checkpoint written witho
 
 def write_run_config(run_dir: Path, cfg: TrainConfig) -> Path:
     """Write `run_dir/config.yaml` for `cfg` (the caller decides which rank writes)."""
-    from moetrain.config import compose
+    from moetrain.config.compose import run_config_yaml  # what `moetrain-train -cd RUN -cn config` composes
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    render = getattr(compose, "run_config_yaml", None)  # a config `moetrain-train -cd RUN -cn config` composes
-    text = render(cfg) if render is not None else OmegaConf.to_yaml(OmegaConf.structured(cfg))
     path = run_dir / CONFIG_FILE
-    path.write_text(text)
+    path.write_text(run_config_yaml(cfg))
     return path
 
 

@@ -100,17 +100,19 @@ class Family:
     @classmethod
     def check_model(cls, cfg: TrainConfig, **required) -> None:
         """Each `key=value` must hold for cfg.model (the keys this family fixes)."""
-        for key, want in required.items():
-            have = getattr(cfg.model, key)
-            if have != want:
-                raise ConvertError(f"model.{key}={have}: {cls.architecture} needs model.{key}={want}")
+        cls._check_section("model", cfg.model, required)
 
     @classmethod
     def check_router_keys(cls, cfg: TrainConfig, **required) -> None:
+        """Each `key=value` must hold for cfg.router."""
+        cls._check_section("router", cfg.router, required)
+
+    @classmethod
+    def _check_section(cls, section: str, node, required: dict) -> None:
         for key, want in required.items():
-            have = getattr(cfg.router, key)
+            have = getattr(node, key)
             if have != want:
-                raise ConvertError(f"router.{key}={have}: {cls.architecture} needs router.{key}={want}")
+                raise ConvertError(f"{section}.{key}={have}: {cls.architecture} needs {section}.{key}={want}")
 
 
 class LlamaLike(Family):
