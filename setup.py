@@ -46,6 +46,7 @@ setup(
             "moetrain-convert=moetrain.interop.cli:main",
             "moetrain-sim=moetrain.sim.cli:main",
             "moetrain-compress=moetrain.compress.cli:main",
+            "moetrain-bench=moetrain.bench.cli:main",
         ]
     },
 )
