@@ -20,8 +20,9 @@ def unavailable_reason() -> str | None:
     return f"needs {' and '.join(missing)} (iproute2)" if missing else None
 
 
-def run_in_rate_limited_netns(rate: str, cmd: list[str]) -> subprocess.CompletedProcess:
-    """Run `cmd` inside a namespace whose loopback is limited to `rate` (a tc rate: 2gbit, 500mbit)."""
+def run_in_rate_limited_netns(rate: str, cmd: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `cmd` (environment `env`, default this one's) inside a namespace whose loopback is limited to `rate`
+    (a tc rate: 2gbit, 500mbit)."""
     why = unavailable_reason()
     if why:
         raise RuntimeError(f"a rate-limited network namespace {why}; run on plain loopback instead")
@@ -32,6 +33,6 @@ def run_in_rate_limited_netns(rate: str, cmd: list[str]) -> subprocess.Completed
     try:
         for c in setup:
             subprocess.run(c, check=True, capture_output=True, text=True)
-        return subprocess.run(["ip", "netns", "exec", ns, *cmd])
+        return subprocess.run(["ip", "netns", "exec", ns, *cmd], env=env)
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)

@@ -1,7 +1,7 @@
 """Pipelined all-to-all: one expert-parallel MoE layer's forward+backward at pipeline degrees 1, 2, 4, 8 and `auto`,
 with compute alone and communication alone, every variant alternated iteration by iteration in the same processes.
 
-    python -m moetrain.bench.pipeline --experts 32 --top-k 4 --hidden 512 [--tokens 4096] [--netns-rate 2gbit]
+    python -m moetrain.bench.pipeline [--experts 8 --top-k 2 --hidden 1024 --tokens 4096] [--netns-rate 2gbit]
 
 Variants (forced-balanced routing, so every degree and both estimates see the same loads):
 
@@ -43,9 +43,9 @@ DEGREES = (1, 2, 4, 8)
 
 @dataclass
 class PipelineBenchConfig:
-    experts: int = 32
-    top_k: int = 4
-    hidden: int = 512
+    experts: int = 8
+    top_k: int = 2
+    hidden: int = 1024
     dim: int = 512
     tokens: int = 4096
     world: int = 2
@@ -156,7 +156,9 @@ def run_rate_limited(cfg: PipelineBenchConfig, rate: str) -> dict:
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "result.json")
         cmd = [sys.executable, "-m", f"{__package__}.pipeline", *to_argv(cfg), "--network", rate, "--out", out]
-        proc = run_in_rate_limited_netns(rate, cmd)
+        # The child imports this harness and the library from where this process does.
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([p or os.getcwd() for p in sys.path]))
+        proc = run_in_rate_limited_netns(rate, cmd, env)
         if proc.returncode != 0:
             raise RuntimeError(f"the pipelining benchmark at {rate} failed (exit code {proc.returncode})")
         with open(out) as fh:
@@ -183,10 +185,10 @@ def format_result(r: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--world", type=int, default=2)
-    p.add_argument("--experts", type=int, default=32)
-    p.add_argument("--top-k", type=int, default=4)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--tokens", type=int, default=4096, help="tokens per rank")
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--iters", type=int, default=3)
