@@ -98,3 +98,205 @@ def test_moe_layer_with_triton_permutation_matches_torch(monkeypatch, router_kw)
 
     for got, want in zip(run("triton"), run("torch")):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- grouped GEMM backends and workspace
+from moetrain.kernels import grouped_gemm as gg  # noqa: E402
+from moetrain.kernels import workspace as ws  # noqa: E402
+from moetrain.moe.experts import reference_experts  # noqa: E402
+
+GEMM_BACKENDS = ["loop", "grouped_mm"] + (["triton"] if triton_available() else [])
+
+
+class PoisonedWorkspace(ws.Workspace):
+    """Fills every buffer it hands out with NaN: a kernel that reads workspace memory it did not write (an empty
+    group's weight gradient left unzeroed), or a buffer handed out while something still uses it, shows as NaN or
+    as a wrong value."""
+
+    def empty(self, name, shape, dtype, device):
+        t = super().empty(name, shape, dtype, device)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    w = PoisonedWorkspace()
+    monkeypatch.setattr(ws, "WORKSPACE", w)
+    return w
+
+
+def _experts_case(counts, D=12, F=20, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = torch.tensor(counts)
+    x = torch.randn(int(c.sum()), D, generator=g)
+    w1, w3 = torch.randn(len(counts), D, F, generator=g) * 0.3, torch.randn(len(counts), D, F, generator=g) * 0.3
+    w2 = torch.randn(len(counts), F, D, generator=g) * 0.3
+    dy = torch.randn(int(c.sum()), D, generator=g)
+    return x, (w1, w3, w2), dy, c
+
+
+def _grads(fn, x, ws_, dy):
+    xi = x.clone().requires_grad_()
+    wi = [w.clone().requires_grad_() for w in ws_]
+    y = fn(xi, *wi)
+    y.backward(dy)
+    return [y.detach(), xi.grad] + [w.grad for w in wi]
+
+
+@pytest.mark.parametrize("backend", GEMM_BACKENDS)
+@pytest.mark.parametrize("counts", [[3, 0, 7, 2], [0, 0, 5, 0], [4, 4, 4, 4]])
+def test_grouped_swiglu_matches_the_reference_loop_with_poisoned_workspace(poisoned, backend, counts):
+    """Outputs and all gradients equal the per-expert reference; an empty expert's weight gradients are exactly zero
+    even though the workspace hands out NaN-filled memory; twice in a row (the second call reuses the buffers)."""
+    x, w, dy, c = _experts_case(counts)
+    want = _grads(lambda xi, *wi: reference_experts(xi, c, *wi), x, w, dy)
+    for _ in range(2):
+        got = _grads(lambda xi, *wi: gg.grouped_swiglu(xi, *wi, c, backend), x, w, dy)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        for dw in got[2:]:
+            assert torch.all(dw[c == 0] == 0)
+
+
+@pytest.mark.parametrize("backend", GEMM_BACKENDS)
+def test_grouped_mm_matches_the_reference_loop_with_poisoned_workspace(poisoned, backend):
+    x, (w, _, _), dy, c = _experts_case([2, 0, 6, 3], F=16)
+    dy = dy[:, :0].new_ones(x.shape[0], 16)
+    ref = lambda xi, wi: torch.cat([xi[s:s + n] @ wi[e] for e, (s, n) in  # noqa: E731
+                                    enumerate(zip((torch.cumsum(c, 0) - c).tolist(), c.tolist()))])
+    want = _grads(ref, x, [w], dy)
+    for _ in range(2):
+        got = _grads(lambda xi, wi: gg.grouped_mm(xi, wi, c, backend), x, [w], dy)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert torch.all(got[2][1] == 0)
+
+
+def test_workspace_never_hands_out_a_buffer_in_use():
+    w = ws.Workspace()
+    a = w.empty("k", (4, 8), torch.float32, "cpu")
+    b = w.empty("k", (4, 8), torch.float32, "cpu")
+    assert a.data_ptr() != b.data_ptr()  # a is alive
+    view = a[1:]
+    pa = a.data_ptr()
+    del a
+    c = w.empty("k", (4, 8), torch.float32, "cpu")
+    assert c.data_ptr() != pa  # a view of a's buffer is still alive
+    pc = c.data_ptr()
+    del view, c
+    d = w.empty("k", (2, 8), torch.float32, "cpu")
+    assert d.data_ptr() in (pa, pc)  # a free buffer is reused
+    n = w.nbytes()
+    del d
+    assert w.empty("k", (3, 8), torch.float32, "cpu") is not None and w.nbytes() == n  # no growth when it fits
+    big = w.empty("k", (64, 8), torch.float32, "cpu")
+    assert big.shape == (64, 8) and not big._is_view()
+    assert w.empty("k", (4, 8), torch.bfloat16, "cpu").dtype == torch.bfloat16  # its own key
+
+
+def test_workspace_is_plain_allocation_off_cpu(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: calls.append(k.get("device")) or torch.zeros(1))
+    ws.Workspace().empty("k", (2,), torch.float32, "meta")
+    assert calls == [torch.device("meta")]
+
+
+def _moe_rows(T=6, K=2, L=3, seed=0):
+    """A local top-k routing of T tokens over L experts (expert L-1 picked by nobody): (token_idx_R, gates_R,
+    counts_L, row_TK)."""
+    g = torch.Generator().manual_seed(seed)
+    expert_TK = torch.stack([torch.randperm(L - 1, generator=g)[:K] for _ in range(T)])
+    order = torch.argsort(expert_TK.flatten(), stable=True)  # row r holds copy order[r] = t*K + k
+    counts = torch.bincount(expert_TK.flatten(), minlength=L)
+    gates_R = torch.rand(T * K, generator=g)[order]
+    row_TK = torch.empty(T * K, dtype=torch.long)
+    row_TK[order] = torch.arange(T * K)
+    return order // K, gates_R, counts, row_TK.view(T, K)
+
+
+def _moe_chain(x_TD, w, token_idx_R, gates_R, counts, backend="loop"):
+    x_RD = permute(x_TD, token_idx_R)
+    y_RD = gg.grouped_swiglu(x_RD, *w, counts, backend)
+    return combine(y_RD, gates_R, token_idx_R, x_TD.shape[0])
+
+
+def test_two_micro_batches_before_backward_and_recompute_keep_gradients(poisoned):
+    """Gradient accumulation (two forwards, then both backwards) and activation recomputation (checkpoint) through
+    permute -> grouped SwiGLU -> combine with the NaN-poisoning workspace equal one-at-a-time fp32 references."""
+    from torch.utils.checkpoint import checkpoint
+
+    token_idx_R, gates_R, counts, _ = _moe_rows()
+    _, w, _, _ = _experts_case([1, 1, 1])
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(6, 12, generator=g) for _ in range(2)]
+    dys = [torch.randn(6, 12, generator=g) for _ in range(2)]
+
+    def run(mode):
+        wi = [t.clone().requires_grad_() for t in w]
+        gi = gates_R.clone().requires_grad_()
+        xi = [x.clone().requires_grad_() for x in xs]
+        if mode == "one_at_a_time":
+            for x, dy in zip(xi, dys):
+                _moe_chain(x, wi, token_idx_R, gi, counts).backward(dy)
+        elif mode == "accumulate":
+            ys = [_moe_chain(x, wi, token_idx_R, gi, counts) for x in xi]
+            for y, dy in zip(ys, dys):
+                y.backward(dy)
+        else:  # recompute
+            ys = [checkpoint(_moe_chain, x, wi, token_idx_R, gi, counts, use_reentrant=False) for x in xi]
+            sum((y * dy).sum() for y, dy in zip(ys, dys)).backward()
+        return [x.grad for x in xi] + [t.grad for t in wi] + [gi.grad]
+
+    monkey = ws.WORKSPACE
+    ws.WORKSPACE = ws.Workspace()  # the reference runs on plain reused buffers
+    try:
+        want = run("one_at_a_time")
+    finally:
+        ws.WORKSPACE = monkey
+    for mode in ("accumulate", "recompute"):
+        for got, ref in zip(run(mode), want):
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    assert torch.all(want[4][2] == 0)  # the empty expert
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("need", ["both", "dy_only", "gates_only"])
+def test_combine_backward_parts(backend, need):
+    """The fused combine backward gives each requested gradient alone or both, padding rows included."""
+    T, K, D, token_idx_R, row_TK, gates_R, rows = make_case(D=40, pad=3)
+    y = torch.randn(len(token_idx_R), D, requires_grad=need != "gates_only")
+    gates = gates_R.clone().requires_grad_(need != "dy_only")
+    out = combine(y, gates, token_idx_R, T, row_TK, backend)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    g = torch.cat([dout, torch.zeros(1, D)])[token_idx_R]
+    if need != "gates_only":
+        torch.testing.assert_close(y.grad, gates_R[:, None] * g)
+    if need != "dy_only":
+        torch.testing.assert_close(gates.grad, (g * y.detach()).sum(-1))
+
+
+@pytest.mark.parametrize("perm_backend", BACKENDS)
+@pytest.mark.parametrize("gemm_backend", GEMM_BACKENDS)
+def test_moe_chain_under_bf16_autocast_matches_fp32(poisoned, perm_backend, gemm_backend):
+    """permute -> grouped SwiGLU -> combine under CPU bf16 autocast: fp32 gradients for fp32 leaves, close to fp32."""
+    token_idx_R, gates_R, counts, row_TK = _moe_rows(T=8, L=4, seed=2)
+    _, w, _, _ = _experts_case([1, 1, 1, 1], D=16, F=32, seed=3)
+    x = torch.randn(8, 16)
+    dy = torch.randn(8, 16)
+
+    def run(autocast):
+        wi = [t.clone().requires_grad_() for t in w]
+        xi, gi = x.clone().requires_grad_(), gates_R.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            x_RD = permute(xi.to(torch.bfloat16) if autocast else xi, token_idx_R, row_TK, perm_backend)
+            y_RD = gg.grouped_swiglu(x_RD, *wi, counts, gemm_backend)
+            out = combine(y_RD, gi, token_idx_R, xi.shape[0], row_TK, perm_backend)
+        out.backward(dy)
+        return [out.detach(), xi.grad, gi.grad] + [t.grad for t in wi]
+
+    ref, got = run(False), run(True)
+    for a, b in zip(got, ref):
+        assert a.dtype == torch.float32 and torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2)
+

@@ -6,6 +6,10 @@ Legend: R routed rows (grouped by expert, contiguous), E groups (experts), D in 
 
 Backward:  dx_RD = grouped(dy_RF, w_EDF^T),   dw_EDF[e] = x_e^T @ dy_e   (zeros for an empty group).
 
+Memory: the loop backend writes its outputs and temporaries into kernels/workspace.py buffers (kept across steps on
+CPU, the caching allocator on CUDA), and zero-fills only an empty group's weight gradient: every other group's is
+written once by its GEMM.
+
 Three backends share one autograd function: `torch._grouped_mm` (CPU fp32/bf16 in torch >= 2.8, and CUDA bf16 on
 sm90+), the Triton kernels of triton_grouped_gemm.py (CUDA where _grouped_mm does not apply: fp32, older GPUs), and a
 loop of `torch.mm` per group writing into slices of one output (any device/dtype, and the reference the tests
@@ -36,6 +40,8 @@ import functools
 from typing import Optional
 
 import torch
+
+from moetrain.kernels import workspace
 
 
 def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
@@ -155,12 +161,19 @@ def _triton_weight_grad(x_RD: torch.Tensor, dy_RN: torch.Tensor, counts: list[in
     return dw
 
 
+def _scratch(name: str, like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor shaped like `like` from the workspace buffer `name` (kernels/workspace.py)."""
+    return workspace.empty(name, like.shape, like.dtype, like.device)
+
+
 def _offsets(tokens_per_group_E: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(tokens_per_group_E, 0).to(torch.int32)
 
 
-def _forward(x_RD, w_EDF, counts: list[int], offs_E, impl: str, accumulate_into=None, out=None) -> torch.Tensor:
-    """out_RF = grouped(x_RD, w_EDF), into `out` if given; with accumulate_into, += in place (and returned)."""
+def _forward(x_RD, w_EDF, counts: list[int], offs_E, impl: str, name: str = "grouped_mm.y", accumulate_into=None,
+             out=None) -> torch.Tensor:
+    """out_RF = grouped(x_RD, w_EDF), into `out` if given (loop), else into the workspace buffer `name` (loop) or a
+    fresh tensor (the other backends allocate their own); with accumulate_into, += in place (and returned)."""
     if impl in ("grouped_mm", "triton"):
         y_RF = torch._grouped_mm(x_RD, w_EDF, offs=offs_E) if impl == "grouped_mm" \
             else _triton_forward(x_RD, w_EDF, counts, offs_E)
@@ -168,7 +181,8 @@ def _forward(x_RD, w_EDF, counts: list[int], offs_E, impl: str, accumulate_into=
     if accumulate_into is not None:
         out_RF = accumulate_into
     else:
-        out_RF = out if out is not None else x_RD.new_empty(x_RD.shape[0], w_EDF.shape[-1])
+        out_RF = out if out is not None else \
+            workspace.empty(name, (x_RD.shape[0], w_EDF.shape[-1]), x_RD.dtype, x_RD.device)
     start = 0
     for e, n in enumerate(counts):
         if n:
@@ -180,17 +194,20 @@ def _forward(x_RD, w_EDF, counts: list[int], offs_E, impl: str, accumulate_into=
     return out_RF
 
 
-def _weight_grad(x_RD, dy_RF, counts: list[int], offs_E, impl: str) -> torch.Tensor:
-    """dw_EDF[e] = x_e^T @ dy_e."""
+def _weight_grad(x_RD, dy_RF, counts: list[int], offs_E, impl: str, name: str = "grouped_mm.dw") -> torch.Tensor:
+    """dw_EDF[e] = x_e^T @ dy_e; zeros for an empty group (the loop writes every other group once, so only the
+    empty groups are zero-filled)."""
     if impl == "grouped_mm":
         return torch._grouped_mm(x_RD.t(), dy_RF, offs=offs_E)
     if impl == "triton":
         return _triton_weight_grad(x_RD, dy_RF, counts, offs_E)
-    dw_EDF = dy_RF.new_zeros(len(counts), x_RD.shape[1], dy_RF.shape[1])
+    dw_EDF = workspace.empty(name, (len(counts), x_RD.shape[1], dy_RF.shape[1]), dy_RF.dtype, dy_RF.device)
     start = 0
     for e, n in enumerate(counts):
         if n:
             torch.mm(x_RD[start:start + n].t(), dy_RF[start:start + n], out=dw_EDF[e])
+        else:
+            dw_EDF[e].zero_()
         start += n
     return dw_EDF
 
@@ -213,7 +230,7 @@ class _GroupedMM(torch.autograd.Function):
         dy_RF = dy_RF.contiguous()
         dx_RD = dw_EDF = None
         if ctx.needs_input_grad[0]:
-            dx_RD = _forward(dy_RF, w_EDF.transpose(-2, -1), ctx.counts, offs_E, ctx.impl)
+            dx_RD = _forward(dy_RF, w_EDF.transpose(-2, -1), ctx.counts, offs_E, ctx.impl, "grouped_mm.dx")
         if ctx.needs_input_grad[1]:
             dw_EDF = _weight_grad(x_RD, dy_RF, ctx.counts, offs_E, ctx.impl)
         return dx_RD, dw_EDF, None, None
@@ -239,10 +256,11 @@ class _GroupedSwiGLU(torch.autograd.Function):
         counts = tokens_per_group_E.tolist()
         offs_E = _offsets(tokens_per_group_E)
         impl = _choose_impl(backend, x_RD, w1_EDF)
-        h1_RF = _forward(x_RD, w1_EDF, counts, offs_E, impl)
-        h3_RF = _forward(x_RD, w3_EDF, counts, offs_E, impl)
-        h_RF = torch.nn.functional.silu(h1_RF).mul_(h3_RF)
-        y_RD = _forward(h_RF, w2_EFD, counts, offs_E, impl)
+        h1_RF = _forward(x_RD, w1_EDF, counts, offs_E, impl, "swiglu.h1")
+        h3_RF = _forward(x_RD, w3_EDF, counts, offs_E, impl, "swiglu.h3")
+        h_RF = torch.ops.aten.silu.out(h1_RF, out=_scratch("swiglu.h", h1_RF)).mul_(h3_RF)
+        y_RD = _forward(h_RF, w2_EFD, counts, offs_E, impl, "swiglu.y")
+        del h_RF  # forward scratch: its buffer is free again before backward
         ctx.save_for_backward(x_RD, w1_EDF, w3_EDF, w2_EFD, h1_RF, h3_RF, offs_E)
         ctx.counts, ctx.impl = counts, impl
         return y_RD
@@ -254,26 +272,26 @@ class _GroupedSwiGLU(torch.autograd.Function):
         counts, impl = ctx.counts, ctx.impl
         need_x, need_w1, need_w3, need_w2 = ctx.needs_input_grad[:4]
         dy_RD = dy_RD.contiguous()
-        # Backward temporaries are reused in place: 3 R x F buffers (s, h -> dh, dh*h3 -> dh1) besides dx.
-        s_RF = torch.nn.functional.silu(h1_RF)
+        # Backward temporaries are reused in place: 3 R x F workspace buffers (s, h -> dh, dh*h3 -> dh1) besides dx.
+        s_RF = torch.ops.aten.silu.out(h1_RF, out=_scratch("swiglu.bwd.s", h1_RF))
         buf_RF = None
         dw2 = None
         if need_w2:
-            buf_RF = torch.mul(s_RF, h3_RF)  # h = silu(h1) * h3, recomputed
-            dw2 = _weight_grad(buf_RF, dy_RD, counts, offs_E, impl)
+            buf_RF = torch.mul(s_RF, h3_RF, out=_scratch("swiglu.bwd.h", h1_RF))  # h = silu(h1) * h3, recomputed
+            dw2 = _weight_grad(buf_RF, dy_RD, counts, offs_E, impl, "swiglu.dw2")
         dx = dw1 = dw3 = None
         if need_x or need_w1 or need_w3:
-            dh_RF = _forward(dy_RD, w2_EFD.transpose(-2, -1), counts, offs_E, impl, out=buf_RF)
-            dh1_RF = torch.mul(dh_RF, h3_RF)
+            dh_RF = _forward(dy_RD, w2_EFD.transpose(-2, -1), counts, offs_E, impl, "swiglu.bwd.h", out=buf_RF)
+            dh1_RF = torch.mul(dh_RF, h3_RF, out=_scratch("swiglu.bwd.dh1", h1_RF))
             torch.ops.aten.silu_backward.grad_input(dh1_RF, h1_RF, grad_input=dh1_RF)  # d/dh1 of silu(h1) * h3
             dh3_RF = dh_RF.mul_(s_RF)  # d/dh3 = dh * silu(h1), in place of dh
             del s_RF
             if need_w1:
-                dw1 = _weight_grad(x_RD, dh1_RF, counts, offs_E, impl)
+                dw1 = _weight_grad(x_RD, dh1_RF, counts, offs_E, impl, "swiglu.dw1")
             if need_w3:
-                dw3 = _weight_grad(x_RD, dh3_RF, counts, offs_E, impl)
+                dw3 = _weight_grad(x_RD, dh3_RF, counts, offs_E, impl, "swiglu.dw3")
             if need_x:
-                dx = _forward(dh1_RF, w1_EDF.transpose(-2, -1), counts, offs_E, impl)
+                dx = _forward(dh1_RF, w1_EDF.transpose(-2, -1), counts, offs_E, impl, "swiglu.dx")
                 dx = _forward(dh3_RF, w3_EDF.transpose(-2, -1), counts, offs_E, impl, accumulate_into=dx)
         return dx, dw1, dw3, dw2, None, None
 

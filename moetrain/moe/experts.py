@@ -45,8 +45,13 @@ class GroupedExperts(NoStepState, nn.Module):
         yield self.w1_EDF, self.w3_EDF, self.w2_EFD
 
     def compute(self, x_RD: torch.Tensor, tokens_per_expert_L: torch.Tensor, weights, experts: slice = slice(None)):
-        """The experts `experts` (a slice of the materialized ones) on rows grouped by expert."""
-        w1, w3, w2 = (w[experts] for w in weights)
+        """The experts `experts` (a slice of the materialized ones) on rows grouped by expert. A slice covering all
+        of them passes the weights as they are: slicing would add a SliceBackward that zero-fills and copies a
+        full-size gradient per weight in backward."""
+        L = weights[0].shape[0]
+        if range(L)[experts] != range(L):
+            weights = tuple(w[experts] for w in weights)
+        w1, w3, w2 = weights
         return swiglu_experts(x_RD, tokens_per_expert_L, w1, w3, w2, self.backend)
 
     def forward(self, x_RD: torch.Tensor, tokens_per_expert_L: torch.Tensor) -> torch.Tensor:
