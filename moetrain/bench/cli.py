@@ -4,6 +4,7 @@
     moetrain-bench --quick                  # a 1-2 minute subset: runs/bench/benchmarks-cpu-quick.md
     moetrain-bench --device cuda --quick    # the same commands on GPUs (NCCL, bf16 autocast, compiled Triton)
     moetrain-bench --before docs/benchmarks_before.json   # add a before/after table of the key ratios
+    moetrain-bench --from-json docs/benchmarks.json --out docs/benchmarks.md   # re-write the report, run nothing
 
 Suite: the MoE layer at (E, K, F) = (8, 2, 1024), (32, 4, 512), (64, 6, 256), (128, 8, 128) with D=512 and T=4096
 tokens per rank, and (8, 2, 1024) at T=512 (moe_layer.py); the pipelined all-to-all at E=32 K=4 F=512 on plain
@@ -124,7 +125,21 @@ def main(argv=None) -> int:
                                                "suite, runs/bench/benchmarks-<device>[-quick].md otherwise)")
     p.add_argument("--json", default=None, help="the JSON (default: the report's path with .json)")
     p.add_argument("--before", default=None, help="JSON of an earlier run: adds a before/after table")
+    p.add_argument("--from-json", default=None, help="run nothing: write the report (--out) from this run's JSON")
     a = p.parse_args(argv)
+    if a.from_json:
+        if not a.out:
+            p.error("--from-json needs --out (the markdown file to write)")
+        with open(a.from_json) as fh:
+            run = json.load(fh)
+        before = None
+        if a.before:
+            with open(a.before) as fh:
+                before = json.load(fh)
+        with open(a.out, "w") as fh:
+            fh.write(report.markdown(run, before))
+        print(f"wrote {a.out} from {a.from_json}")
+        return 0
     only = {s.strip() for s in a.only.split(",") if s.strip()}
     if only - {"moe", "pipeline", "fssdp"}:
         p.error(f"--only: unknown part(s) {sorted(only - {'moe', 'pipeline', 'fssdp'})}; choose moe, pipeline, fssdp")

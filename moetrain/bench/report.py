@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+from . import stats
+
 MOE_RATIOS = [("ours / dense", "ours / dense limit"), ("ours/balanced / dense", "ours/balanced / dense limit"),
               ("ours / ds/dropping", "ours / DeepSpeed dropping (capacity 1.0)"),
               ("ours / ds/dropless", "ours / DeepSpeed dropless-padded")]
@@ -25,6 +27,11 @@ def _ratio(s: Optional[dict]) -> str:
     return "-" if s is None else f"{_iqr(s)} {{{s['min']:.2f}-{s['max']:.2f}}}"
 
 
+def _load(r: dict) -> str:
+    """1-minute load average before / after the row."""
+    return " / ".join(f"{x[0]:.1f}" if x else "-" for x in (r["load_before"], r["load_after"]))
+
+
 def moe_tables(results: list[dict]) -> list[str]:
     variants = []
     for r in results:
@@ -39,7 +46,7 @@ def moe_tables(results: list[dict]) -> list[str]:
                    + " | ".join(_ratio(r["ratios"].get(k)) for k, _ in MOE_RATIOS) + " |")
     out += ["", "Forward+backward milliseconds (slowest rank): median [IQR]; useful GFLOP/s per rank of the median "
             "in parentheses.", "",
-            "| E, K, F (D, T) | " + " | ".join(variants) + " | load avg before / after |",
+            "| E, K, F (D, T) | " + " | ".join(variants) + " | 1-min load before / after |",
             "|---|" + "---|" * (len(variants) + 1)]
     for r in results:
         c = r["config"]
@@ -48,7 +55,7 @@ def moe_tables(results: list[dict]) -> list[str]:
             s = r["variants"].get(v)
             cells.append(_ms(s) + (f" ({s['gflops_per_rank']:.0f})" if s else ""))
         out.append(f"| {c['experts']}, {c['top_k']}, {c['hidden']} ({c['dim']}, {c['tokens']}) | " + " | ".join(cells)
-                   + f" | {r['load_before']} / {r['load_after']} |")
+                   + f" | {_load(r)} |")
     notes = [f"- {r['label']}: {k}: {v}" for r in results for k, v in r["notes"].items()]
     if notes:
         out += ["", "What each layer did with its rows (last timed step):", ""] + notes
@@ -67,12 +74,12 @@ def pipeline_tables(results: list[dict]) -> list[str]:
                    f"{_ms(v.get('compute alone'))} | {_ms(v.get('comm alone'))} | "
                    f"{_ratio(q.get('best fixed time / max(compute alone, comm alone)'))} |")
     out += ["", "Every degree, ms (median [IQR]):", "",
-            "| shape, network | " + " | ".join(f"degree {d}" for d in (1, 2, 4, 8)) + " | auto | load avg before / after |",
+            "| shape, network | " + " | ".join(f"degree {d}" for d in (1, 2, 4, 8)) + " | auto | 1-min load before / after |",
             "|---|---|---|---|---|---|---|"]
     for r in results:
         v = r["variants"]
         out.append(f"| {r['label']} | " + " | ".join(_ms(v.get(f"degree {d}")) for d in (1, 2, 4, 8))
-                   + f" | {_ms(v['auto'])} | {r['load_before']} / {r['load_after']} |")
+                   + f" | {_ms(v['auto'])} | {_load(r)} |")
     return out
 
 
@@ -135,7 +142,8 @@ def markdown(run: dict, before: Optional[dict] = None) -> str:
             lines += ["## FSSDP vs expert parallelism under skew", "", r.get("markdown", ""), ""]
     if run["skipped"]:
         lines += ["## Skipped", ""] + [f"- {s}" for s in run["skipped"]] + [""]
-    warnings = [f"- {r['label']}: {w}" for r in run["results"] for w in r.get("warnings", [])]
+    warnings = [f"- {r['label']}: {w}" for r in run["results"] if "variants" in r
+                for w in stats.busy_warnings(r["variants"], r["ratios"])]
     warnings += [f"- FSSDP: {r['busy_warning']}" for r in run["results"] if r.get("busy_warning")]
     if warnings:
         lines += ["## Busy-machine warnings", ""] + warnings + [""]
