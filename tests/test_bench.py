@@ -130,3 +130,14 @@ def test_two_rank_smoke_run_produces_the_report_tables():
         assert heading in md
     assert "| E, K, F (D, T per rank) | ours / dense limit |" in md
     assert "| 4, 2, 8 (8, 16) |" in md
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_smoke_run_one_rank():
+    from moetrain.bench.moe_layer import MoEBenchConfig
+    from moetrain.bench.moe_layer import run as run_moe
+
+    r = run_moe(MoEBenchConfig(experts=4, top_k=2, hidden=64, dim=64, tokens=128, world=1, device="cuda",
+                               plan=Plan(reps=1, iters=2, warmup=1)))
+    assert {"dense", "ours", "ours/balanced"} <= set(r["variants"])
+    assert "skipped" in r["notes"]["ds/dropping"]  # DeepSpeed rows are CPU only
