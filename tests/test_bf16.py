@@ -201,17 +201,21 @@ def test_permute_and_combine_dtypes(backend):
 
 
 class CollectiveSpy(TorchDispatchMode):
-    """Every token all-to-all (the functional collective, forward and backward) with its dtype and payload bytes."""
+    """Every token all-to-all (the functional collective on rows, 2-D; forward and backward) with its dtype and
+    payload bytes, and the dtypes of the per-copy ones (1-D: the deduplicated dispatcher's metadata and gates)."""
 
     def __init__(self):
         super().__init__()
-        self.calls = []
+        self.calls, self.per_copy = [], set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops._c10d_functional.all_to_all_single.default:
             t = args[0]
             backward = torch._C._current_graph_task_id() != -1
-            self.calls.append(("backward" if backward else "forward", t.dtype, t.numel() * t.element_size()))
+            if t.dim() == 2:
+                self.calls.append(("backward" if backward else "forward", t.dtype, t.numel() * t.element_size()))
+            else:
+                self.per_copy.add(t.dtype)
         return func(*args, **(kwargs or {}))
 
 
@@ -266,7 +270,7 @@ def ep2_body(rank, world_size):
                 loss = lm_loss + sum(r.loss for r in records)
                 loss.backward()
             out[(setting, force_balanced)] = dict(
-                collectives=spy.calls, gemm=set(gemm_operands), router=router_out,
+                collectives=spy.calls, per_copy=spy.per_copy, gemm=set(gemm_operands), router=router_out,
                 bias={str(m.router.expert_bias_E.dtype) for m in model.moe_layers()},
                 router_losses={str(t.dtype) for r in records for t in r.losses.values()},
                 logits=logits.dtype, loss=loss.dtype,
@@ -291,6 +295,7 @@ def test_bf16_reaches_the_all_to_all_and_the_experts(ep2_results):
         assert directions.count("forward") == 4 and directions.count("backward") == 4, (rank, directions)  # 2 layers
         assert {dt for _, dt, _ in bf16["collectives"]} == {BF16}, rank
         assert {dt for _, dt, _ in fp32["collectives"]} == {torch.float32}, rank
+        assert bf16["per_copy"] == fp32["per_copy"] == {torch.int32, torch.float32}, rank  # metadata, fp32 gates
         assert bf16["gemm"] == {(BF16, BF16)}, (rank, bf16["gemm"])
         assert fp32["gemm"] == {(torch.float32, torch.float32)}, (rank, fp32["gemm"])
         assert len(bf16["router"]) == 2 and all(set(r.values()) == {torch.float32} for r in bf16["router"]), rank

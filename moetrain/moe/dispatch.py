@@ -1,17 +1,22 @@
 """The dispatcher interface (local pre-processing, communication, local post-processing, for both directions) and
 the dispatcher without communication, used when every expert lives on this rank.
 
-Legend: T tokens on this rank, D model dim, R routed rows leaving this rank, Rr rows arriving, L local experts.
+Legend: T tokens on this rank, D model dim, R rows leaving this rank, Rr rows arriving, C copies computed (per chunk),
+L local experts.
 
     plan  = plan(topk_idx_TK, gates_TK, keep_TK)   # local routing plan, destinations, count exchange, chunks
-    x_RD  = dispatch_preprocess(x_TD, plan)        # permute into (chunk, destination, expert) order (local)
+    x_RD  = dispatch_preprocess(x_TD, plan)        # the rows to send, in send order (local)
     for each chunk c:
         x_c = dispatch_comm(x_RD, plan, c)         # send the chunk's rows (returns before the transfer is done)
     for each chunk c:
-        x_c, tokens_per_expert_c, experts_c = dispatch_postprocess(x_c, plan, c)   # wait, regroup by expert
-        y_c = experts[experts_c](x_c)
-        y_c = combine_comm(combine_preprocess(y_c, plan, c), plan, c)             # send results back (async)
-    y_TD  = combine_postprocess(cat(y_c), plan)    # wait, weight by gates, sum the K copies of each token
+        x_CD, tokens_per_expert_c, experts_c = dispatch_postprocess(x_c, plan, c)  # wait; copies grouped by expert
+        y_CD = experts[experts_c](x_CD)
+        y_c = combine_comm(combine_preprocess(y_CD, plan, c), plan, c)            # send results back (async)
+    y_TD  = combine_postprocess(cat(y_c), plan)    # wait, sum into tokens
+The gates are applied in combine_preprocess or combine_postprocess, whichever side sums a token's copies: the local
+dispatcher sends nothing (rows = copies, combine_postprocess weights and sums them); the all-to-all dispatcher sends
+each token once per destination rank, expands it into its copies in dispatch_postprocess and sums the weighted
+copies in combine_preprocess (parallel/dispatch/alltoall.py).
 
 Splitting the steps lets the layer compute shared experts while the dispatch is in flight, and lets the pipeline
 overlap the transfer of chunk c+1 and the combine of chunk c-1 with the expert compute of chunk c. Every step is

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from moetrain.kernels import permute as kernels
+from moetrain.kernels.grouped_gemm import without_autocast
 
 
 @dataclass
@@ -149,3 +150,30 @@ def unpermute(y_RD: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
     if hasattr(y_RD, "trigger_wait"):  # an in-flight all-to-all result (AsyncCollectiveTensor): wait for it here
         y_RD = y_RD.wait()
     return kernels.combine(y_RD, plan.gates_R, plan.token_idx_R, plan.num_tokens, _row_TK(plan, y_RD.device))
+
+
+class _SumUniqueRows(torch.autograd.Function):
+    """y_TD[t] = sum over the rows u of token t of y_UD[u] (fp32 accumulation; the result in promote(y, fp32)); the
+    backward is the gather dy_UD = dy_TD[token_U] - the adjoint pair of `permute`, in the opposite direction."""
+
+    @staticmethod
+    @without_autocast
+    def forward(ctx, y_UD, token_U, row_TK, num_tokens, backend):
+        ctx.save_for_backward(token_U)
+        ctx.backend, ctx.y_dtype = backend, y_UD.dtype
+        return kernels.sum_rows_per_token(y_UD, None, token_U, row_TK, num_tokens, backend,
+                                          torch.promote_types(y_UD.dtype, torch.float32))
+
+    @staticmethod
+    @without_autocast
+    def backward(ctx, dy_TD):
+        (token_U,) = ctx.saved_tensors
+        dy_UD = kernels.gather_rows(dy_TD.contiguous(), token_U, None, ctx.backend).to(ctx.y_dtype)
+        return dy_UD, None, None, None, None
+
+
+def sum_unique_rows(y_UD: torch.Tensor, token_U: torch.Tensor, num_tokens: int,
+                    row_TK: torch.Tensor | None = None) -> torch.Tensor:
+    """y_TD[t] = sum over the rows u with token_U[u] == t of y_UD[u]: the deduplicated all-to-all's last step, where
+    each row already is the gated sum of a token's copies on one rank. The triton backend needs row_TK."""
+    return _SumUniqueRows.apply(y_UD, token_U, row_TK, num_tokens, kernels.resolve_backend("auto", y_UD.device))

@@ -1,37 +1,49 @@
-"""All-to-all dispatcher: tokens travel to the ranks that compute their experts with one uneven all-to-all, and back.
+"""All-to-all dispatcher: tokens travel to the ranks that compute their experts with uneven all-to-alls, and back,
+each token once per destination rank (deduplicated), however many of its copies that rank computes.
 
-Legend: T tokens on this rank, D model dim, E experts, W ranks in the group, M experts materialized on this rank,
-R rows leaving this rank, Rr rows arriving.
+Legend: T tokens on this rank, D model dim, E experts, K top-k, W ranks in the group, M experts materialized on this
+rank, n pipeline chunks, R routed copies leaving this rank, U unique rows leaving, C copies computed here (per
+chunk), Ur unique rows arriving (per chunk).
 
 Where experts live is a `Placement` (parallel/dispatch/placement.py): expert parallelism uses the static contiguous one
 (rank w holds experts [w*E/W, (w+1)*E/W)); FSSDP supplies a new one every step, with hot experts on several ranks.
 Destination of a routed copy of expert e sent from rank s (Hecate's rule):
     s itself if s materializes e, else replicas(e)[(i + s) mod r_e]     (i = index of the copy among e's copies)
-so the tokens of a replicated expert spread evenly over its replicas. Rows are ordered by (destination, expert), then
-    counts_WE = all_to_all(send_counts_WE)             # rows each source sends me, per expert
-    send_splits_W = send_counts_WE.sum(1);  recv_splits_W = counts_WE.sum(1)
+so the tokens of a replicated expert spread evenly over its replicas. Copies are ordered (destination, chunk, expert)
+(chunk of an expert: its slot range on the destination, see `plan`), then
+    counts_WE = all_to_all(send_counts_WE)             # copies each source sends me, per expert
+    unique_WN = all_to_all(send_unique_WN)             # unique rows each source sends me, per chunk
     tokens_per_local_expert_M = counts_WE[:, materialized].sum(0)
-(per pipeline chunk, restricted to the chunk's experts: see `plan`).
-Arriving rows are ordered (source, expert); `regroup_idx_Rr` reorders them to (expert, source) for the grouped GEMM and
-its inverse restores the order for the combine. Zero-size splits (a rank that sends or receives nothing, an expert
-nobody picks) are ordinary. The token all-to-all is torch's functional collective: autograd-aware (its backward is the
-reverse all-to-all) and asynchronous (waited for on first use), which lets shared experts run while tokens are in
-flight - on CPU through gloo's background threads, on GPU on NCCL's stream. The payload travels in the rows' dtype:
-bf16 under mixed precision (the MoE layer casts the tokens before dispatch, the experts return bf16), so dispatch,
-combine and their backward move half the bytes of fp32.
+(one all-to-all of the two tables, the only host synchronisation). Per step and layer, three tensors travel:
+    x_UD       = x_TD[token_U]         rows, bf16 under autocast; one all-to-all per chunk, and back (y_UD)
+    meta_R     (int32) and gates_R (fp32, autograd)   per copy, one all-to-all each for all chunks
+with U <= R: a token whose K copies go to one rank travels once instead of K times (dedup.py has the formulas).
+At the destination, per chunk:
+    x_CD  = x_UrD[uidx_C]                      ONE gather straight into (expert, source) order for the grouped GEMM
+    y_CD  = experts(x_CD)
+    y_UrD = sum over the copies of each unique row of gates_C * y_CD   (kernels/permute.py combine)
+and back at the source y_TD[t] = sum over the unique rows of t of y_UD. The gate gradient is computed where the
+expert output is, dgates_C = <dy_UrD[uidx_C], y_CD>, and returns through the gates all-to-all's backward.
+Zero-size splits (a rank that sends or receives nothing, an expert nobody picks) are ordinary. The collectives are
+torch's functional ones: asynchronous (waited for on first use), which lets shared experts run while tokens are in
+flight - on CPU through gloo's background threads, on GPU on NCCL's stream - and, for rows and gates, autograd-aware
+(the backward is the reverse all-to-all). Under mixed precision the rows travel in bf16 both ways (the reduce
+accumulates in fp32 and rounds the sum of a row's copies once), the gates and their gradients in fp32.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Protocol
 
 import torch
 import torch.distributed as dist
 from einops import rearrange
-from torch.distributed._functional_collectives import all_to_all_single_autograd
+from torch.distributed._functional_collectives import all_to_all_single, all_to_all_single_autograd
 
-from moetrain.moe.plan import RoutingPlan, build_plan, permute, permute_rows, unpermute
+from moetrain.kernels import permute as kernels
+from moetrain.moe.plan import RoutingPlan, build_plan, sum_unique_rows
+from moetrain.parallel.dispatch.dedup import expand_index, send_rows, unique_rows
 from moetrain.parallel.pipeline import (DegreeTuner, RegionTiming, chunk_of_slot, chunk_slot_range, clock_start,
                                         mark_region_input, mark_region_output)
 from moetrain.parallel.dispatch.placement import Placement
@@ -56,23 +68,41 @@ class StaticPlacement:
 
 @dataclass
 class ChunkPlan:
-    """One pipeline chunk: a contiguous range of every destination's local experts, sent as one all-to-all."""
+    """One pipeline chunk: a contiguous range of every destination's local experts, whose unique rows travel as one
+    all-to-all."""
 
-    rows: slice  # this chunk's rows in the send buffer
-    send_splits: list[int]
-    recv_splits: list[int]
-    regroup_idx_Rr: torch.Tensor  # arrival order -> (expert, source) order
-    restore_idx_Rr: torch.Tensor  # inverse permutation
+    rows: slice  # this chunk's unique rows in the send buffer x_UD
+    send_splits: list[int]  # unique rows sent to each rank
+    recv_splits: list[int]  # unique rows arriving from each rank
+    copies: slice  # this chunk's copies among the C copies computed here, (expert, source) order
     experts: slice  # this chunk's slice of the experts computed here (materialized, in id order)
     tokens_per_local_expert_L: torch.Tensor  # rows per expert of that slice
 
 
 @dataclass
+class Arrivals:
+    """The copies computed here, per chunk (from the arrived metadata and gates; built on first use)."""
+
+    uidx: list[torch.Tensor]  # per chunk: arriving unique row each copy expands from (Ur for padding)
+    row_map: list[Optional[torch.Tensor]]  # per chunk: row_UK for the Triton kernels, else None
+    gates: list[torch.Tensor]  # per chunk: gates of the copies (fp32, autograd)
+
+
+@dataclass
 class AllToAllPlan:
-    local: RoutingPlan  # rows in (chunk, destination, expert) order
+    local: RoutingPlan  # copies in (destination, chunk, expert) order
     placement: Placement
     chunks: list[ChunkPlan]
+    token_U: torch.Tensor  # source token of each unique row, send order (chunk, destination)
+    row_TK: Optional[torch.Tensor]  # inverse map of token_U for the Triton kernels
+    copy_send_splits: list[int]  # copies sent to each rank (metadata and gates)
+    copy_recv_splits: list[int]  # copies arriving from each rank
+    recv_order_C: torch.Tensor  # arrival order (source, expert) -> (expert, source), all chunks
+    recv_source_C: torch.Tensor  # source rank of each copy, (expert, source) order
+    meta_in: torch.Tensor  # in-flight per-copy metadata, int32 (arrival order)
+    gates_in: torch.Tensor  # in-flight gates (arrival order)
     timing: Optional[RegionTiming] = None  # clocks of a micro-batch timed for the degree tuner (see `plan`)
+    arrivals: Optional[Arrivals] = field(default=None, repr=False)
 
     @property
     def num_dropped(self) -> int:
@@ -84,8 +114,13 @@ class AllToAllPlan:
 
     @property
     def send_splits(self) -> list[int]:
-        """Rows sent to each rank over all chunks."""
-        return [sum(c.send_splits[w] for c in self.chunks) for w in range(len(self.chunks[0].send_splits))]
+        """Routed copies sent to each rank over all chunks (their rows travel deduplicated: `rows_sent`)."""
+        return self.copy_send_splits
+
+    @property
+    def rows_sent(self) -> list[int]:
+        """Unique rows sent to each rank over all chunks (the token all-to-all's volume, in rows)."""
+        return [sum(c.send_splits[w] for c in self.chunks) for w in range(len(self.copy_send_splits))]
 
     @property
     def tokens_per_local_expert_L(self) -> torch.Tensor:
@@ -118,7 +153,8 @@ class _PlacementTables:
             table[e, : len(r)] = torch.tensor(r)
         self.table_EW = table.to(device)
         self.local_E = torch.tensor([rank in r for r in reps], dtype=torch.bool, device=device)
-        self.materialized = torch.tensor(placement.materialized(rank), dtype=torch.long, device=device)
+        self.materialized_ids = placement.materialized(rank)  # host list (for host-side counts)
+        self.materialized = torch.tensor(self.materialized_ids, dtype=torch.long, device=device)
         # slot_WE[w, e]: position of e among the experts rank w computes (id order), -1 if w does not compute e.
         slot = torch.full((W, E), -1, dtype=torch.long)
         for w in range(W):
@@ -211,11 +247,14 @@ class AllToAllDispatcher:
             self._tables = (placement, _PlacementTables(placement, self.rank, device))
         return self._tables[1]
 
+
     def plan(self, topk_idx_TK: torch.Tensor, gates_TK: torch.Tensor, num_chunks: Optional[int] = None,
              keep_TK: Optional[torch.Tensor] = None) -> AllToAllPlan:
-        """Route, assign destinations, exchange counts. With num_chunks n > 1 (default: `degree`) every destination's
-        experts are split into n contiguous slot ranges (chunk of slot s among M experts: s * n // M), rows are
-        ordered (chunk, destination, expert) and each chunk travels as its own all-to-all (see parallel/pipeline.py).
+        """Route, assign destinations, find the unique rows, exchange counts, and start the metadata and gates
+        all-to-alls. With num_chunks n > 1 (default: `degree`) every destination's experts are split into n
+        contiguous slot ranges (chunk of slot s among M experts: s * n // M), copies are ordered (destination, chunk,
+        expert), unique rows (chunk, destination, expert of the token's first copy there, token), and each chunk's
+        rows travel as their own all-to-all (see parallel/pipeline.py).
         For the tuner, a training micro-batch is timed from here to the end of `combine_postprocess` (forward) and
         from the gradient reaching the combine output to the end of the backward of `dispatch_preprocess` (backward;
         identity autograd markers on the region's input and output). A forward recomputed inside backward
@@ -223,7 +262,7 @@ class AllToAllDispatcher:
         timed = (self.tuner is not None and torch.is_grad_enabled()
                  and torch._C._current_graph_task_id() == -1)  # -1: not inside a backward pass
         timing = RegionTiming(clock_start(topk_idx_TK.device), topk_idx_TK.shape[0]) if timed else None
-        num_chunks = self.degree if num_chunks is None else num_chunks
+        n = self.degree if num_chunks is None else num_chunks
         E, W = self.num_experts, self.world
         local = build_plan(topk_idx_TK, gates_TK, E, self.capacity_factor, self.pad_to_capacity, keep_TK)
         placement = self.source.placement_for(local.tokens_per_expert_E)
@@ -233,55 +272,96 @@ class AllToAllDispatcher:
                                            output_size=local.num_rows)
         dest_R = assign_destinations(expert_R, counts_E, tab, self.rank)
         chunk_WE = torch.where(tab.slot_WE >= 0,
-                               chunk_of_slot(tab.slot_WE, num_chunks, tab.num_materialized_W.clamp(min=1)[:, None]),
+                               chunk_of_slot(tab.slot_WE, n, tab.num_materialized_W.clamp(min=1)[:, None]),
                                torch.zeros_like(tab.slot_WE))
-        if num_chunks > 1 or not tab.contiguous:
-            key_R = (chunk_WE[dest_R, expert_R] * W + dest_R) * E + expert_R
-            order_R = torch.argsort(key_R, stable=True)
+        block_R = dest_R * n + chunk_WE[dest_R, expert_R]
+        if not tab.contiguous:  # contiguous placement: expert order already is (destination, chunk, expert) order
+            order_R = torch.argsort(block_R * E + expert_R, stable=True)
             local = local.reordered(order_R)
-            dest_R, expert_R = dest_R[order_R], expert_R[order_R]
-        send_counts_WE = torch.bincount(dest_R * E + expert_R, minlength=W * E).view(W, E)
-        recv_counts_WE = torch.empty_like(send_counts_WE)
-        dist.all_to_all_single(recv_counts_WE, send_counts_WE, group=self.group)
-        recv_counts_WM = recv_counts_WE.index_select(1, tab.materialized)
+            dest_R, expert_R, block_R = dest_R[order_R], expert_R[order_R], block_R[order_R]
+        rows = unique_rows(local.copy_idx_R, block_R, expert_R, local.num_tokens, local.top_k, W * n)
+        send_counts_WX = torch.cat([torch.bincount(dest_R * E + expert_R, minlength=W * E).view(W, E),
+                                    rows.unique_B.view(W, n)], 1)  # per rank: copies per expert | rows per chunk
+        recv_counts_WX = torch.empty_like(send_counts_WX)
+        dist.all_to_all_single(recv_counts_WX, send_counts_WX, group=self.group)
+        send_h, recv_h = torch.stack([send_counts_WX, recv_counts_WX]).cpu()  # the splits are host ints
+        copy_send_splits, copy_recv_splits = send_h[:, :E].sum(1).tolist(), recv_h[:, :E].sum(1).tolist()
+        triton = kernels.resolve_backend("auto", topk_idx_TK.device) == "triton"
+        token_U, row_TK = send_rows(rows, local.token_idx_R, local.copy_idx_R, block_R, n, int(send_h[:, E:].sum()),
+                                    local.num_tokens, local.top_k, triton)
+        # Per-copy metadata and gates travel now, for all chunks, while the rows get permuted and sent.
+        meta_in = all_to_all_single(rows.meta_R.to(torch.int32), copy_recv_splits, copy_send_splits, self.group)
+        gates_in = all_to_all_single_autograd(local.gates_R, copy_recv_splits, copy_send_splits, self.group)
+
+        recv_counts_WM = recv_counts_WX[:, :E].index_select(1, tab.materialized)
         M = recv_counts_WM.shape[1]
-        chunks, row = [], 0
-        for j in range(num_chunks):
-            in_chunk_WE = chunk_WE == j
-            send_splits = (send_counts_WE * in_chunk_WE).sum(1).tolist()
-            lo, hi = chunk_slot_range(j, num_chunks, M)  # slots s with s * n // M == j
-            counts_Wm = recv_counts_WM[:, lo:hi]
-            regroup = regroup_index(counts_Wm)
-            chunks.append(ChunkPlan(slice(row, row + sum(send_splits)), send_splits, counts_Wm.sum(1).tolist(),
-                                    regroup, torch.argsort(regroup), slice(lo, hi), counts_Wm.sum(0)))
-            row += sum(send_splits)
-        return AllToAllPlan(local=local, placement=placement, chunks=chunks, timing=timing)
+        recv_copies_M = recv_h[:, tab.materialized_ids].sum(0).tolist()
+        source_A = torch.repeat_interleave(torch.arange(W, device=recv_counts_WM.device),
+                                           torch.tensor(copy_recv_splits, device=recv_counts_WM.device),
+                                           output_size=sum(copy_recv_splits))
+        recv_order_C = regroup_index(recv_counts_WM)
+        chunks, row, copy = [], 0, 0
+        for j in range(n):
+            lo, hi = chunk_slot_range(j, n, M)  # slots s with s * n // M == j
+            send_splits, recv_splits = send_h[:, E + j].tolist(), recv_h[:, E + j].tolist()
+            num_copies = sum(recv_copies_M[lo:hi])
+            chunks.append(ChunkPlan(slice(row, row + sum(send_splits)), send_splits, recv_splits,
+                                    slice(copy, copy + num_copies), slice(lo, hi), recv_counts_WM[:, lo:hi].sum(0)))
+            row, copy = row + sum(send_splits), copy + num_copies
+        return AllToAllPlan(local, placement, chunks, token_U, row_TK, copy_send_splits, copy_recv_splits,
+                            recv_order_C, source_A[recv_order_C], meta_in, gates_in, timing)
+
+    def _arrivals(self, plan: AllToAllPlan) -> Arrivals:
+        """Wait for the metadata and gates (once per plan) and derive every chunk's expand index and gates."""
+        if plan.arrivals is None:
+            meta_C = _wait(plan.meta_in).long()[plan.recv_order_C]
+            gates_C = _wait(plan.gates_in).index_select(0, plan.recv_order_C)
+            triton = kernels.resolve_backend("auto", meta_C.device) == "triton"
+            uidx, row_map, gates = [], [], []
+            for c in plan.chunks:
+                u, r = expand_index(meta_C[c.copies], plan.recv_source_C[c.copies], c.recv_splits,
+                                    plan.local.top_k, triton)
+                uidx.append(u)
+                row_map.append(r)
+                gates.append(gates_C[c.copies])
+            plan.arrivals = Arrivals(uidx, row_map, gates)
+        return plan.arrivals
 
     def dispatch_preprocess(self, x_TD, plan: AllToAllPlan):
-        return permute(mark_region_input(x_TD, plan.timing), plan.local)
+        """x_UD = x_TD[token_U]: the unique rows of all chunks, in send order."""
+        return kernels.permute(mark_region_input(x_TD, plan.timing), plan.token_U, plan.row_TK)
 
-    def dispatch_comm(self, x_RD, plan: AllToAllPlan, chunk: int = 0):
+    def dispatch_comm(self, x_UD, plan: AllToAllPlan, chunk: int = 0):
         c = plan.chunks[chunk]
-        return all_to_all_single_autograd(x_RD[c.rows].contiguous(), c.recv_splits, c.send_splits, self.group)
+        return all_to_all_single_autograd(x_UD[c.rows].contiguous(), c.recv_splits, c.send_splits, self.group)
 
-    def dispatch_postprocess(self, x_RrD, plan: AllToAllPlan, chunk: int = 0):
-        """Wait for the chunk, regroup it by expert. Returns (rows, tokens per expert, slice of local experts)."""
+    def dispatch_postprocess(self, x_UrD, plan: AllToAllPlan, chunk: int = 0):
+        """Wait for the chunk and expand its unique rows into its copies, grouped by expert (one gather).
+        Returns (x_CD, tokens per expert, slice of local experts)."""
+        c, arrivals = plan.chunks[chunk], self._arrivals(plan)
+        x_CD = kernels.permute(_wait(x_UrD), arrivals.uidx[chunk], arrivals.row_map[chunk])
+        return x_CD, c.tokens_per_local_expert_L, c.experts
+
+    def combine_preprocess(self, y_CD, plan: AllToAllPlan, chunk: int = 0):
+        """y_UrD: the gated sum of the copies of each arrived unique row, in y's dtype (accumulated in fp32)."""
+        c, arrivals = plan.chunks[chunk], self._arrivals(plan)
+        y_UrD = kernels.combine(y_CD, arrivals.gates[chunk], arrivals.uidx[chunk], sum(c.recv_splits),
+                                arrivals.row_map[chunk])
+        return y_UrD.to(y_CD.dtype)
+
+    def combine_comm(self, y_UrD, plan: AllToAllPlan, chunk: int = 0):
         c = plan.chunks[chunk]
-        if hasattr(x_RrD, "trigger_wait"):  # the in-flight all-to-all result: wait for it here
-            x_RrD = x_RrD.wait()
-        return permute_rows(x_RrD, c.regroup_idx_Rr, c.restore_idx_Rr), c.tokens_per_local_expert_L, c.experts
+        return all_to_all_single_autograd(y_UrD.contiguous(), c.send_splits, c.recv_splits, self.group)
 
-    def combine_preprocess(self, y_RrD, plan: AllToAllPlan, chunk: int = 0):
-        c = plan.chunks[chunk]
-        return permute_rows(y_RrD, c.restore_idx_Rr, c.regroup_idx_Rr)
-
-    def combine_comm(self, y_RrD, plan: AllToAllPlan, chunk: int = 0):
-        c = plan.chunks[chunk]
-        return all_to_all_single_autograd(y_RrD.contiguous(), c.send_splits, c.recv_splits, self.group)
-
-    def combine_postprocess(self, y_RD, plan: AllToAllPlan):
-        """y_RD: the combine results of all chunks, concatenated in chunk order (= the send order)."""
-        y_TD = unpermute(y_RD, plan.local)
+    def combine_postprocess(self, y_UD, plan: AllToAllPlan):
+        """y_UD: the combine results of all chunks, concatenated in chunk order (= the send order);
+        y_TD[t] = sum over the unique rows of t (fp32 under autocast: the residual stream's dtype)."""
+        y_TD = sum_unique_rows(_wait(y_UD), plan.token_U, plan.local.num_tokens, plan.row_TK)
         if plan.timing is not None:
             self._timings.append(plan.timing)
         return mark_region_output(y_TD, plan.timing)
+
+
+def _wait(t: torch.Tensor) -> torch.Tensor:
+    """An in-flight all-to-all result (AsyncCollectiveTensor) waited for here; any other tensor as it is."""
+    return t.wait() if hasattr(t, "trigger_wait") else t
