@@ -300,3 +300,52 @@ def test_moe_chain_under_bf16_autocast_matches_fp32(poisoned, perm_backend, gemm
         assert a.dtype == torch.float32 and torch.isfinite(a).all()
         torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2)
 
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_combine_to_a_narrower_out_dtype(backend):
+    """combine(..., out_dtype=bf16) of bf16 rows with fp32 gates: the fp32 sums rounded to bf16; gradients: dy in
+    bf16, dgates in fp32 computed from the widened bf16 incoming gradient."""
+    T, K, D, token_idx_R, row_TK, gates_R, rows = make_case(D=24, pad=2)
+    y = torch.randn(len(token_idx_R), D).to(torch.bfloat16).requires_grad_()
+    gates = gates_R.clone().requires_grad_()
+    out = combine(y, gates, token_idx_R, T, row_TK, backend, out_dtype=torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    ref = combine(y.detach().float(), gates_R, token_idx_R, T, row_TK, backend)
+    torch.testing.assert_close(out, ref.to(torch.bfloat16), rtol=1.6e-2, atol=1e-2)  # one bf16 rounding
+    dout = torch.randn(T, D).to(torch.bfloat16)
+    out.backward(dout)
+    g = torch.cat([dout.float(), torch.zeros(1, D)])[token_idx_R]
+    assert y.grad.dtype == torch.bfloat16 and gates.grad.dtype == torch.float32
+    torch.testing.assert_close(y.grad, (gates_R[:, None] * g).to(torch.bfloat16), rtol=1.6e-2, atol=1e-2)
+    torch.testing.assert_close(gates.grad, (g * y.detach().float()).sum(-1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_backends_match_the_cpu_reference(dtype):
+    """On a GPU: every grouped GEMM backend that applies (loop, compiled Triton, torch._grouped_mm for bf16 on sm90+)
+    and both permutation backends, through permute -> grouped SwiGLU -> combine, forward and backward, against the
+    fp32 CPU reference chain (bf16: within bf16 tolerances)."""
+    token_idx_R, gates_R, counts, row_TK = _moe_rows(T=64, K=2, L=8, seed=4)
+    _, w, _, _ = _experts_case([1] * 8, D=64, F=128, seed=5)
+    x, dy = torch.randn(64, 64), torch.randn(64, 64)
+
+    def run(device, gemm, perm, dt):
+        wi = [t.to(device, dt).requires_grad_() for t in w]
+        xi, gi = x.to(device, dt).requires_grad_(), gates_R.to(device).requires_grad_()
+        idx, rows = token_idx_R.to(device), row_TK.to(device)
+        x_RD = permute(xi, idx, rows, perm)
+        y_RD = gg.grouped_swiglu(x_RD, *wi, counts.to(device), gemm)
+        out = combine(y_RD, gi, idx, 64, rows, perm)
+        out.backward(dy.to(device, out.dtype))
+        return [t.float().cpu() for t in [out.detach(), xi.grad, gi.grad] + [t.grad for t in wi]]
+
+    ref = run("cpu", "loop", "torch", torch.float32)
+    gemms = ["loop"] + (["triton"] if triton_available() else []) + \
+        (["grouped_mm"] if dtype == torch.bfloat16 and torch.cuda.get_device_capability()[0] >= 9 else [])
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)
+    for gemm in gemms:
+        for perm in BACKENDS:
+            for got, want in zip(run("cuda", gemm, perm, dtype), ref):
+                torch.testing.assert_close(got, want, **tol)

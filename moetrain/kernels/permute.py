@@ -126,7 +126,7 @@ def combine_backward(dy_TD: torch.Tensor, y_RD: torch.Tensor | None, gates_R: to
     """The combine's backward in one pass over the rows, with g_RD = dy_TD[token_idx_R] (zero for a padding row):
 
         dy_RD[r] = gates_R[r] * g_RD[r]      (in `y_dtype`; None unless need_dy)
-        dgates_R[r] = <g_RD[r], y_RD[r]>     (in dy's dtype, at least fp32 under bf16 rows; None when y_RD is None)
+        dgates_R[r] = <g_RD[r], y_RD[r]>     (in promote(dy's dtype, fp32); None when y_RD is None)
 
     g is never materialised at full size: the torch backend gathers it chunk by chunk into a small buffer and takes
     the row-wise dot as mul + sum there (a batched R x 1 x D matmul is several times slower on CPU); the triton
@@ -134,7 +134,8 @@ def combine_backward(dy_TD: torch.Tensor, y_RD: torch.Tensor | None, gates_R: to
     R, D = token_idx_R.shape[0], dy_TD.shape[1]
     T = dy_TD.shape[0]
     dy_RD = workspace.empty("combine.dy", (R, D), y_dtype, dy_TD.device) if need_dy else None
-    dgates_R = torch.empty(R, dtype=dy_TD.dtype, device=dy_TD.device) if y_RD is not None else None
+    acc_dtype = torch.promote_types(dy_TD.dtype, torch.float32)  # bf16 dy (a bf16 combine output) is widened
+    dgates_R = torch.empty(R, dtype=acc_dtype, device=dy_TD.device) if y_RD is not None else None
     if R == 0 or (dy_RD is None and dgates_R is None):
         return dy_RD, dgates_R
     if backend == "triton":
@@ -148,13 +149,17 @@ def combine_backward(dy_TD: torch.Tensor, y_RD: torch.Tensor | None, gates_R: to
     outside_R = token_idx_R >= T
     padded = bool(outside_R.any())
     idx_R = token_idx_R.masked_fill(outside_R, 0) if padded else token_idx_R
-    step = max(1, _CHUNK_BYTES // max(1, D * dy_TD.element_size()))
+    step = max(1, _CHUNK_BYTES // max(1, D * torch.empty((), dtype=acc_dtype).element_size()))
     g = workspace.empty("combine.bwd.g", (min(step, R), D), dy_TD.dtype, dy_TD.device)
-    prod = workspace.empty("combine.bwd.gy", (min(step, R), D), dy_TD.dtype, dy_TD.device) \
+    g_wide = workspace.empty("combine.bwd.g_wide", (min(step, R), D), acc_dtype, dy_TD.device) \
+        if acc_dtype != dy_TD.dtype else None
+    prod = workspace.empty("combine.bwd.gy", (min(step, R), D), acc_dtype, dy_TD.device) \
         if dgates_R is not None else None
     for s in range(0, R, step):
         n = min(step, R - s)
         g_n = torch.index_select(dy_TD, 0, idx_R[s:s + n], out=g[:n])
+        if g_wide is not None:
+            g_n = g_wide[:n].copy_(g_n)
         if padded:
             g_n.masked_fill_(outside_R[s:s + n, None], 0)
         if dgates_R is not None:
@@ -186,11 +191,11 @@ class _Permute(torch.autograd.Function):
 class _Combine(torch.autograd.Function):
     @staticmethod
     @without_autocast
-    def forward(ctx, y_RD, gates_R, token_idx_R, row_TK, num_tokens, backend):
+    def forward(ctx, y_RD, gates_R, token_idx_R, row_TK, num_tokens, backend, out_dtype):
         ctx.save_for_backward(y_RD if ctx.needs_input_grad[1] else None, gates_R, token_idx_R)
         ctx.backend, ctx.gates_dtype, ctx.y_dtype = backend, gates_R.dtype, y_RD.dtype
         return sum_rows_per_token(y_RD, gates_R, token_idx_R, row_TK, num_tokens, backend,
-                                  torch.promote_types(y_RD.dtype, gates_R.dtype))
+                                  out_dtype or torch.promote_types(y_RD.dtype, gates_R.dtype))
 
     @staticmethod
     @without_autocast
@@ -198,7 +203,7 @@ class _Combine(torch.autograd.Function):
         y_RD, gates_R, token_idx_R = ctx.saved_tensors
         dy, dgates = combine_backward(dy_TD.contiguous(), y_RD, gates_R, token_idx_R, ctx.y_dtype,
                                       ctx.needs_input_grad[0], ctx.backend)
-        return dy, dgates.to(ctx.gates_dtype) if dgates is not None else None, None, None, None, None
+        return dy, dgates.to(ctx.gates_dtype) if dgates is not None else None, None, None, None, None, None
 
 
 def permute(x_TD: torch.Tensor, token_idx_R: torch.Tensor, row_TK: torch.Tensor | None = None,
@@ -208,6 +213,10 @@ def permute(x_TD: torch.Tensor, token_idx_R: torch.Tensor, row_TK: torch.Tensor 
 
 
 def combine(y_RD: torch.Tensor, gates_R: torch.Tensor, token_idx_R: torch.Tensor, num_tokens: int,
-            row_TK: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
-    """y_TD[t] = sum over the rows r of token t of gates_R[r] * y_RD[r]; differentiable in y_RD and gates_R."""
-    return _Combine.apply(y_RD, gates_R, token_idx_R, row_TK, num_tokens, resolve_backend(backend, y_RD.device))
+            row_TK: torch.Tensor | None = None, backend: str = "auto",
+            out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """y_TD[t] = sum over the rows r of token t of gates_R[r] * y_RD[r]; differentiable in y_RD and gates_R.
+    Accumulated in fp32 (at least), returned in `out_dtype` (default promote(y, gates)); with a narrower out_dtype
+    (bf16 sums sent back over the wire) the backward still takes the gate gradient in fp32."""
+    return _Combine.apply(y_RD, gates_R, token_idx_R, row_TK, num_tokens, resolve_backend(backend, y_RD.device),
+                          out_dtype)
