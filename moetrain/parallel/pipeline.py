@@ -7,15 +7,19 @@ chunk i while chunk i+1 computes (Tutel arXiv 2206.03382, FSMoE arXiv 2501.10714
 communication but pay more per-collective latency and smaller GEMMs, so the best n depends on the interconnect, the
 shapes and the routing. Tutel's paper picks n at run time and its public code does not; we do, per layer:
 
-  * trial phase: each candidate n in {1, 2, 4, 8} (at most L) runs for `trial_steps` whole optimizer steps (so every
-    micro-batch of a step, and any activation recomputation in its backward, uses one degree); for every training
-    micro-batch the layer's forward (from `plan` to the end of `combine_postprocess`) plus its backward (from the
-    gradient reaching the combine output to the end of the backward of `dispatch_preprocess`) is recorded. Timing
-    the forward alone misleads: the backward gains much less from more chunks than the forward does (measured:
-    n=8 looked 1.6-1.75x faster than n=1 in forward time, but was 1.07-1.10x over forward + backward, where n=4
-    gave 1.16-1.21x), so forward-only timing kept choosing the largest n;
-  * decision: the per-candidate mean time is all-reduced with MAX over the group (the slowest rank is what the step
-    waits for), so every rank picks the same n: argmin;
+  * trial phase: each candidate n in {1, 2, 4, 8} (at most L) runs for `trial_steps` consecutive optimizer steps
+    (so every micro-batch of a step, and any activation recomputation in its backward, uses one degree); for every
+    training micro-batch the layer's forward (from `plan` to the end of `combine_postprocess`) plus its backward
+    (from the gradient reaching the combine output to the end of the backward of `dispatch_preprocess`) is recorded.
+    The first step of each candidate's block is a warm-up and not recorded (new chunk shapes, first allocations)
+    unless `trial_steps` is 1. Timing the forward alone misleads: the backward gains much less from more chunks than
+    the forward does (measured: n=8 looked 1.6-1.75x faster than n=1 in forward time, but was 1.07-1.10x over
+    forward + backward, where n=4 gave 1.16-1.21x), so forward-only timing kept choosing the largest n;
+  * decision: each candidate's median time (robust to a step slowed by other load) is all-reduced with MAX over the
+    group (the slowest rank is what the step waits for), so every rank sees the same figures. Candidates within
+    `close` (8%) of the best are measured again, in another round of blocks, up to `extra_rounds` times (noise of a
+    few percent would otherwise decide between them); then every rank picks the same argmin of the medians over all
+    rounds;
   * activation checkpointing: a forward recomputed inside backward is not timed as a forward (it would be counted
     twice), but the recomputation that the region's backward triggers lies inside the backward interval and is
     counted there. For the MoE part that is a real cost of the degree (the recomputed forward dispatches and
@@ -27,6 +31,7 @@ shapes and the routing. Tutel's paper picks n at run time and its public code do
 
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Optional, Sequence
 
@@ -49,9 +54,11 @@ def chunk_slot_range(chunk: int, num_chunks: int, num_slots: int) -> tuple[int, 
 
 class DegreeTuner:
     def __init__(self, max_degree: int, group: Optional[dist.ProcessGroup], trial_steps: int = 2,
-                 retune_drift: float = 0.25, candidates: Sequence[int] = CANDIDATES):
+                 retune_drift: float = 0.25, candidates: Sequence[int] = CANDIDATES, close: float = 0.08,
+                 extra_rounds: int = 3):
         self.candidates = [n for n in candidates if n <= max(1, max_degree)] or [1]
         self.group, self.trial_steps, self.retune_drift = group, trial_steps, retune_drift
+        self.close, self.extra_rounds = close, extra_rounds
         self.chosen: Optional[int] = None
         self.decisions = 0  # how many times a degree was chosen (1 + re-tunings)
         self._start_trials()
@@ -60,7 +67,8 @@ class DegreeTuner:
 
     def _start_trials(self) -> None:
         self.chosen = None
-        self._trial_index, self._steps_in_trial = 0, 0
+        self._active = list(self.candidates)  # the candidates of the current round, in order
+        self._trial_index, self._steps_in_trial, self._rounds = 0, 0, 0  # position in the round; extra rounds done
         self._times: dict[int, list[float]] = {n: [] for n in self.candidates}  # forward + backward per micro-batch
         # (forward, backward) seconds of the same records, for inspection (not part of the checkpointed state).
         self.components: dict[int, list[tuple[float, float]]] = {n: [] for n in self.candidates}
@@ -69,15 +77,16 @@ class DegreeTuner:
     @property
     def degree(self) -> int:
         """The degree to use for every forward of the current step."""
-        return self.chosen if self.chosen is not None else self.candidates[self._trial_index]
+        return self.chosen if self.chosen is not None else self._active[self._trial_index]
 
     def record(self, seconds: float, num_tokens: int, backward_seconds: float = 0.0) -> None:
         """A training micro-batch of this layer took `seconds` in forward and `backward_seconds` in backward with
-        `num_tokens` tokens at the current degree; their sum is what the candidates are compared on."""
+        `num_tokens` tokens at the current degree; their sum is what the candidates are compared on (the first step
+        of a candidate's block is a warm-up and not kept, unless trial_steps is 1)."""
         if self._num_tokens is not None and num_tokens != self._num_tokens:
             self._shape_changed = True
         self._num_tokens = num_tokens
-        if self.chosen is None:
+        if self.chosen is None and (self._steps_in_trial > 0 or self.trial_steps == 1):
             self._times[self.degree].append(seconds + backward_seconds)
             self.components[self.degree].append((seconds, backward_seconds))
 
@@ -92,12 +101,16 @@ class DegreeTuner:
             if self._steps_in_trial < self.trial_steps:
                 return
             self._trial_index, self._steps_in_trial = self._trial_index + 1, 0
-            if self._trial_index < len(self.candidates):
+            if self._trial_index < len(self._active):
                 return
-            means = torch.tensor([sum(t) / max(len(t), 1) for t in self._times.values()], dtype=torch.float64)
-            if self.group is not None and dist.get_world_size(self.group) > 1:
-                dist.all_reduce(means, op=dist.ReduceOp.MAX, group=self.group)
-            self.chosen = self.candidates[int(torch.argmin(means))]
+            self._trial_index = 0
+            medians = self.medians()
+            best = float(medians.min())
+            close = [n for n, m in zip(self.candidates, medians.tolist()) if m <= best * (1 + self.close)]
+            if len(close) > 1 and self._rounds < self.extra_rounds and best < float("inf"):
+                self._active, self._rounds = close, self._rounds + 1  # too close to call: measure those again
+                return
+            self.chosen = self.candidates[int(torch.argmin(medians))]
             self.decisions += 1
             self._load_at_decision = _normalise(global_load_E)
             return
@@ -107,11 +120,21 @@ class DegreeTuner:
             if drift > self.retune_drift:
                 self._start_trials()
 
+    def medians(self) -> torch.Tensor:
+        """Per candidate: the median of its recorded times, the MAX over the group (inf when none was recorded).
+        A collective when the group has more than one rank."""
+        medians = torch.tensor([statistics.median(t) if t else float("inf") for t in self._times.values()],
+                               dtype=torch.float64)
+        if self.group is not None and dist.get_world_size(self.group) > 1:
+            dist.all_reduce(medians, op=dist.ReduceOp.MAX, group=self.group)
+        return medians
+
     # ------------------------------------------------------------------------------------------- checkpointing
     def state_dict(self) -> dict:
         """The tuner's decision and trial progress as JSON-able values, so a resumed run neither re-measures a
         degree it already chose nor restarts a trial phase half-way."""
         return {"candidates": list(self.candidates), "chosen": self.chosen, "decisions": self.decisions,
+                "active": list(self._active), "rounds": self._rounds,
                 "trial_index": self._trial_index, "steps_in_trial": self._steps_in_trial,
                 "times": [self._times[n] for n in self.candidates], "shape_changed": self._shape_changed,
                 "num_tokens": self._num_tokens,
@@ -119,10 +142,12 @@ class DegreeTuner:
 
     def load_state_dict(self, state: dict) -> bool:
         """Restore `state_dict()`; returns False (and keeps a fresh trial phase) when it was written for other
-        candidate degrees (a different layout), which then get measured again."""
-        if list(state.get("candidates", [])) != self.candidates:
+        candidate degrees (a different layout) or by a tuner without re-measurement rounds; the degrees then get
+        measured again."""
+        if list(state.get("candidates", [])) != self.candidates or "active" not in state:
             return False
         self.chosen, self.decisions = state["chosen"], int(state["decisions"])
+        self._active, self._rounds = [int(n) for n in state["active"]], int(state["rounds"])
         self._trial_index, self._steps_in_trial = int(state["trial_index"]), int(state["steps_in_trial"])
         self._times = {n: [float(t) for t in times] for n, times in zip(self.candidates, state["times"])}
         self.components = {n: [] for n in self.candidates}
