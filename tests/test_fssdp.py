@@ -11,7 +11,9 @@ from moetrain.config.schema import FSSDPConfig, RouterConfig
 from moetrain.parallel.moe_layer import build_moe_layer
 from moetrain.parallel.fssdp.collectives import build_gather_plan, sparse_all_gather, sparse_reduce_scatter
 from moetrain.parallel.dispatch.placement import Placement
-from moetrain.parallel.fssdp.placement import LoadPredictor, balanced_owners, place_replicas
+from moetrain.parallel.fssdp.placement import (BudgetController, LoadPredictor, balanced_owners, place_replicas,
+                                               replica_cost_rows, step_cost, step_costs)
+from moetrain.parallel.fssdp.state import FSSDPLayerState
 from tests.distributed import run_distributed
 from tests.moe_reference import assert_ranks_match_reference, global_inputs, run_layer
 
@@ -61,6 +63,84 @@ def test_no_budget_or_no_load_means_owners_only():
     owners = [0, 0, 1, 1]
     assert place_replicas(owners, [5, 1, 1, 1], 2, 0).replicas == ((0,), (0,), (1,), (1,))
     assert place_replicas(owners, [0, 0, 0, 0], 2, 3).replicas == ((0,), (0,), (1,), (1,))
+
+
+def test_step_costs_formula():
+    # t_w = sum_{e on w} c_e / r_e + kappa (sent_w + recv_w): expert 0 (owner 0) also on ranks 1 and 2.
+    replicas = [(0, 1, 2), (0,), (1,), (2,)]
+    t = step_costs(replicas, [300, 10, 20, 30], 3, kappa=5)
+    assert t == [100 + 10 + 5 * 2, 100 + 20 + 5, 100 + 30 + 5]
+    assert step_cost(Placement(tuple(replicas), 3), [300, 10, 20, 30], 5) == 135  # rank 2 is the slowest
+    assert replica_cost_rows(flops_per_byte=30, element_size=4) == 40  # 4 * 30 / 3
+
+
+def test_replica_added_only_when_its_saving_exceeds_its_copy_cost():
+    # Owners only: rank 0 computes 400 rows, rank 1 none. A replica of expert 0 leaves 200 + kappa on each rank:
+    # it saves 200 rows on the busiest rank, for kappa at each end.
+    owners, load = [0, 0, 1, 1], [400, 0, 0, 0]
+    assert place_replicas(owners, load, 2, budget=1, kappa=199).replicas[0] == (0, 1)
+    assert place_replicas(owners, load, 2, budget=1, kappa=201).replicas[0] == (0,)
+    # One hot expert on 4 ranks: r copies leave 900 / r rows on each holder, and the owner sends r - 1 copies, so it
+    # computes 900 / r + (r - 1) kappa: r = 1..4 gives 900, 450 + k, 300 + 2k, 225 + 3k; each step pays only while
+    # that keeps falling.
+    owners4, load4 = [0, 0, 1, 1, 2, 2, 3, 3], [900, 0, 0, 0, 0, 0, 0, 0]
+    for kappa, copies in ((0, 4), (50, 4), (100, 3), (160, 2), (500, 1)):
+        assert len(place_replicas(owners4, load4, 4, budget=1, kappa=kappa).replicas[0]) == copies, kappa
+    # The cost model never predicts a slower step than owners only.
+    for kappa in (0, 50, 150, 300, 1000):
+        p = place_replicas(owners4, load4, 4, budget=2, kappa=kappa)
+        assert step_cost(p, load4, kappa) <= step_cost(Placement.from_owners(owners4, 4), load4, kappa)
+
+
+def test_budget_controller_shrinks_after_mispredictions_and_restores():
+    owners, kappa = [0, 0, 1, 1], 10.0
+    owners_only = Placement.from_owners(owners, 2)
+    ctl = BudgetController(budget=4, window=8)
+    predicted, wrong, right = [400, 0, 0, 0], [0, 0, 400, 0], [400, 0, 0, 0]  # wrong: gain -kappa; right: +190
+    budgets = []
+    for realised in [wrong] * 4 + [right] * 5:
+        probe = place_replicas(owners, predicted, 2, ctl.probe_budget, kappa)
+        assert probe.has_replicas()  # with budget 0 the probe still places one replica per rank
+        budgets.append(ctl.update(probe, owners_only, realised, kappa))
+    assert budgets == [2, 1, 0, 0, 1, 2, 3, 4, 4]
+    assert ctl.gains[-1] == 400 - (200 + kappa)  # right: owners only 400 rows, the replica 200 + its copy
+    # Neither wrong nor right on average: a wrong step halves, a right one does not grow while the window's mean
+    # gain is still negative.
+    ctl = BudgetController(budget=2, window=4)
+    probe = place_replicas(owners, predicted, 2, 1, kappa)
+    for realised in [wrong] * 3:
+        ctl.update(probe, owners_only, realised, kappa)
+    assert ctl.budget == 0
+    assert ctl.update(probe, owners_only, [205, 0, 195, 0], kappa) == 0  # gain 205 - (102.5 + 195 + 10) < 0
+    # Slightly right (gain 400 - (200 + 150 + 10) = 40): grows only once the last 4 gains sum above 0.
+    assert [ctl.update(probe, owners_only, [400, 0, 150, 0], kappa) for _ in range(3)] == [0, 0, 1]
+    off = BudgetController(budget=3, enabled=False)
+    probe = place_replicas(owners, predicted, 2, off.probe_budget, kappa)
+    assert off.update(probe, owners_only, wrong, kappa) == 3 and off.probe_budget == 3
+    assert BudgetController(budget=0).probe_budget == 0
+
+
+def _fallback_state_body(rank, world):
+    # kappa = 10 rows; window 1: the prediction is the last step's load
+    state = FSSDPLayerState(4, dist.group.WORLD, FSSDPConfig(budget=2, window=1, flops_per_byte=7.5))
+    hot = [torch.tensor([400.0, 0, 0, 0]), torch.tensor([0, 0, 400.0, 0])]  # expert 0 (owner 0), expert 2 (owner 1)
+    seen = []
+    for step in range(1, 13):  # the hot expert changes rank every step: the prediction is always wrong
+        state.after_step(step, hot[step % 2], [], None)
+        seen.append((state.controller.budget, state.placement.has_replicas(), state.probe.has_replicas()))
+    for step in range(13, 25):  # stationary again: expert 0 hot
+        state.after_step(step, hot[0], [], None)
+        seen.append((state.controller.budget, state.placement.has_replicas(), state.probe.has_replicas()))
+    return seen
+
+
+def test_fallback_uses_owners_only_while_budget_is_zero_and_recovers():
+    for seen in run_distributed(_fallback_state_body, 2):
+        budgets = [b for b, _, _ in seen]
+        assert budgets[:12] == [2, 1] + [0] * 10
+        for budget, used, probed in seen:
+            assert used == (budget > 0 and probed)  # budget 0: expert parallelism's placement, the probe is unused
+        assert budgets[-1] == 2 and seen[-1][1]  # right again: full budget, replicas placed
 
 
 def test_load_predictor_window_and_calibration():

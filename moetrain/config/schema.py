@@ -97,6 +97,13 @@ class FSSDPConfig:
     calibrate: bool = False  # blend the prediction with the current step's routing (one small all-reduce per layer)
     reshard_every: int = 0  # re-choose owners by predicted load every N steps, moving weights and optimizer state
     rematerialize: bool = False  # free replicas after forward and gather them again in backward
+    flops_per_byte: float = 80.0  # machine balance for the placement's cost model: expert-GEMM FLOPs that take as
+    #                               long as moving one byte of a replica (spAG + spRS); a replica is placed only
+    #                               when the rows it saves on the busiest rank outweigh its copy. 0: copies are free
+    #                               (80: measured on 2 CPU cores, gloo loopback; elsewhere:
+    #                               the expert GEMM's FLOP/s over the expert all-to-all's bytes/s)
+    fallback: bool = True  # shrink the replica budget towards 0 (expert parallelism's placement) after steps whose
+    #                        placement would have been slower than owners only on the realised load; grow it back
 
 
 @dataclass

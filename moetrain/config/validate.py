@@ -219,6 +219,7 @@ RULES: tuple[Rule, ...] = (
     at_least("parallel.fssdp.budget", 0),
     at_least("parallel.fssdp.window", 1),
     at_least("parallel.fssdp.reshard_every", 0, " (0 never re-shards)"),
+    non_negative("parallel.fssdp.flops_per_byte", " (0: replica copies cost nothing in the placement)"),
     # optim
     one_of("optim.name"),
     positive("optim.lr"),

@@ -43,8 +43,10 @@ class ShardedExperts(GroupedExperts):
         self.state.after_step(step, global_tokens_per_expert_E, list(self.parameters()), optimizer)
 
     def step_metrics(self, prefix: str) -> dict:
-        """Replicas and owners now, and the SparseAllGather bytes this rank sent since the last call."""
+        """Replicas, owners and the fallback's replica budget now, and the SparseAllGather bytes this rank sent since
+        the last call."""
         metrics = {f"{prefix}/replicas": self.state.placement.num_replicas(), f"{prefix}/owners": list(self.state.owners),
+                   f"{prefix}/fssdp_budget": self.state.controller.budget,
                    f"{prefix}/spag_bytes_rank0": self.state.bytes_gathered}
         self.state.bytes_gathered = 0
         return metrics
