@@ -332,8 +332,8 @@ def test_cuda_backends_match_the_cpu_reference(dtype):
     x, dy = torch.randn(64, 64), torch.randn(64, 64)
 
     def run(device, gemm, perm, dt):
-        wi = [t.to(device, dt).requires_grad_() for t in w]
-        xi, gi = x.to(device, dt).requires_grad_(), gates_R.to(device).requires_grad_()
+        wi = [t.to(device, dt).clone().requires_grad_() for t in w]
+        xi, gi = x.to(device, dt).clone().requires_grad_(), gates_R.to(device).clone().requires_grad_()
         idx, rows = token_idx_R.to(device), row_TK.to(device)
         x_RD = permute(xi, idx, rows, perm)
         y_RD = gg.grouped_swiglu(x_RD, *wi, counts.to(device), gemm)
@@ -344,8 +344,8 @@ def test_cuda_backends_match_the_cpu_reference(dtype):
     ref = run("cpu", "loop", "torch", torch.float32)
     gemms = ["loop"] + (["triton"] if triton_available() else []) + \
         (["grouped_mm"] if dtype == torch.bfloat16 and torch.cuda.get_device_capability()[0] >= 9 else [])
-    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2  # relative error of each result as a whole (bf16: ~8 bits)
     for gemm in gemms:
         for perm in BACKENDS:
             for got, want in zip(run("cuda", gemm, perm, dtype), ref):
-                torch.testing.assert_close(got, want, **tol)
+                assert float((got - want).norm() / want.norm()) < tol, (gemm, perm, dtype)
