@@ -1,18 +1,34 @@
-"""FSSDP vs expert parallelism under skewed and balanced routing, side by side in one run.
+"""FSSDP vs expert parallelism under realistic routing skew, side by side in the same processes.
 
-    python bench/fssdp_bench.py --world 2 --experts 8 --top-k 2 --dim 512 --hidden 1024 --tokens 4096 \\
-        --zipf 1.2 --budget 2 [--rematerialize] [--iters 5] [--out FILE.json]
+    python bench/fssdp_bench.py                       # the suite (every scenario below), 2 ranks
+    python bench/fssdp_bench.py --quick               # smaller shape, fewer iterations (a few minutes here)
+    python bench/fssdp_bench.py --scenarios zipf1.2-shuffled,drift-step --budget 2 --iters 9 [--out FILE.json]
 
-W gloo ranks (one thread each) run the same MoE layer twice: expert parallel (ep = W, experts contiguous) and FSSDP
-(experts sharded over the W ranks, hot ones replicated per step from the predicted load). A synthetic router draws each
-token's K distinct experts from a Zipf popularity p_e ∝ 1/(e+1)^s (s = --zipf; 0 = uniform), the same draw for both
-modes; gates come from the layer's real router scores so that gradients flow as in training. Expert 0 is the hottest:
-under EP the hot experts sit together on rank 0, EP's worst and common case (experts are numbered, not shuffled).
-Before timing, FSSDP's load predictor sees `--warmup` steps of global counts, as in training. The two modes run\ninterleaved, iteration by iteration, so that machine noise hits both alike.
+W gloo ranks (one thread each) hold the same MoE layer twice: expert parallel (ep = W, experts contiguous) and FSSDP
+(experts sharded over the W ranks, hot ones replicated per step from the predicted load, under the cost model and
+the fallback of parallel/fssdp/placement.py). Both see exactly the same routing: a synthetic router draws each
+token's K distinct experts from a popularity p_e given by the scenario (seeded by scenario, step and rank); gates come
+from the layer's real router scores so that gradients flow as in training. Scenarios:
 
-Reported per mode: forward+backward time (median over --iters of the slowest rank), rows computed per rank max/mean,
-bytes each rank sends per step by collective (token all-to-all: dispatch + combine, forward + backward; spAG forward,
-spRS backward, and the re-gather when re-materializing), and expert weight memory per rank (owned + replicas).
+    zipf{S}-colocated   p_j ∝ 1/(j+1)^S at expert id j: the hot experts sit together on rank 0 (EP's worst case)
+    zipf{S}-shuffled    the same popularity at a fixed random permutation of the ids (hot experts anywhere)
+    drift-step          Zipf 1.2 at a new random permutation every step (popularity changes completely each step)
+    drift-{N}           ... a new permutation every N steps
+    drift-walk          log-popularity random walk: log p_e += N(0, 0.3^2) every step, from Zipf 1.2 shuffled
+    trace               per-expert counts replayed step by step from a real run (bench/fssdp_trace_tiny.json: the
+                        tiny model's `moe/layer{L}/tokens_per_expert` metrics, see its "command"; from its step 31)
+    uniform             p_e = 1/E (balanced routing)
+    NAME+cal            NAME with FSSDP's prediction blended with the step's own routing (`calibrate`)
+
+Each step: both modes run forward+backward, interleaved (order flipped every step), after a barrier; the step time
+is the slowest rank's; after the step every rank all-reduces the counts and FSSDP's `after_step` observes the load
+and places the next step, as the trainer does (its time is not counted: it is the same small CPU work for any
+placement). The first --warmup steps are untimed (they also fill FSSDP's load window).
+
+Reported per scenario: median step time of each mode and the speed ratio EP/FSSDP as the median of per-step ratios
+(min..max over steps: the spread); rows computed per rank, max over ranks / mean, per step (median over steps);
+FSSDP's replicas per step and its fallback budget; spAG + spRS MB per rank per step (mean over ranks).
+`run_fssdp_suite(quick)` returns the same as a dict with a markdown table (moetrain-bench calls it).
 """
 
 from __future__ import annotations
@@ -23,6 +39,7 @@ import os
 import statistics
 import sys
 import time
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -31,45 +48,110 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from moetrain.config.schema import FSSDPConfig, RouterConfig  # noqa: E402
 from moetrain.moe.layer import MoELayer  # noqa: E402
-from moetrain.parallel.moe_layer import build_moe_layer  # noqa: E402
 from moetrain.moe.routers import RouterOutput  # noqa: E402
+from moetrain.parallel.moe_layer import build_moe_layer  # noqa: E402
 from moetrain.utils.local_ranks import run_distributed  # noqa: E402
 
+TRACE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fssdp_trace_tiny.json")
+TRACE_START = 30  # replay from the trace's step 31 (layer 1): past the first steps' extreme swings
+SUITE = ("zipf0.8-colocated", "zipf1.2-colocated", "zipf1.6-colocated", "zipf0.8-shuffled", "zipf1.2-shuffled",
+         "zipf1.6-shuffled", "drift-step", "drift-step+cal", "drift-10", "drift-walk", "trace", "trace+cal", "uniform")
+DESCRIPTIONS = {
+    "colocated": "Zipf {s}, hot experts together on rank 0",
+    "shuffled": "Zipf {s}, hot experts at random ids (fixed)",
+    "drift-step": "Zipf 1.2, new random ids every step",
+    "drift-N": "Zipf 1.2, new random ids every {n} steps",
+    "drift-walk": "log-popularity random walk (sigma 0.3 per step)",
+    "trace": "replayed per-expert counts of a real run (tiny model)",
+    "uniform": "uniform popularity (balanced)",
+}
 
-def zipf_topk(T: int, E: int, K: int, s: float, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
+
+# --------------------------------------------------------------------------------------------------- routing
+def zipf(E: int, s: float) -> torch.Tensor:
     p = 1.0 / torch.arange(1, E + 1, dtype=torch.float64) ** s
-    return torch.multinomial(p.expand(T, E), K, replacement=False, generator=g)
+    return p / p.sum()
 
 
-def synthetic_router(layer: MoELayer, topk_source):
+def permutation(E: int, seed: int) -> torch.Tensor:
+    return torch.randperm(E, generator=torch.Generator().manual_seed(seed))
+
+
+def load_trace(path: str = TRACE) -> list[list[float]]:
+    """Per-step per-expert counts of the trace (all its layers, one after another)."""
+    with open(path) as f:
+        data = json.load(f)
+    return [step for layer in data["layers"] for step in layer["tokens_per_expert"]]
+
+
+class Popularity:
+    """p_E of a scenario at a step (the same on every rank and in both modes)."""
+
+    def __init__(self, name: str, E: int):
+        self.name, self.E = name, E
+        self.trace = load_trace() if name == "trace" else None
+        if self.trace is not None and len(self.trace[0]) != E:
+            raise ValueError(f"the trace has {len(self.trace[0])} experts; run with --experts {len(self.trace[0])}")
+        self._walk: dict[int, torch.Tensor] = {}
+
+    def __call__(self, step: int) -> torch.Tensor:
+        name, E = self.name, self.E
+        if name == "uniform":
+            return torch.full((E,), 1.0 / E, dtype=torch.float64)
+        if name.startswith("zipf"):
+            s, layout = name[4:].split("-")
+            p = zipf(E, float(s))
+            return p if layout == "colocated" else p[torch.argsort(permutation(E, 0))]
+        if name == "drift-walk":
+            if not self._walk:
+                self._walk[0] = zipf(E, 1.2)[torch.argsort(permutation(E, 0))].log()
+            for t in range(len(self._walk), step + 1):
+                g = torch.Generator().manual_seed(10_000 + t)
+                self._walk[t] = self._walk[t - 1] + 0.3 * torch.randn(E, generator=g, dtype=torch.float64)
+            return torch.softmax(self._walk[step], 0)
+        if name.startswith("drift-"):
+            every = 1 if name == "drift-step" else int(name.split("-")[1])
+            return zipf(E, 1.2)[torch.argsort(permutation(E, 1 + step // every))]
+        if name == "trace":
+            c = torch.tensor(self.trace[(TRACE_START + step) % len(self.trace)], dtype=torch.float64) + 1e-3
+            return c / c.sum()
+        raise ValueError(f"unknown scenario {name!r}; known: {', '.join(SUITE)} (zipf{{S}}-colocated|shuffled, "
+                         "drift-{N})")
+
+
+def draw_topk(p_E: torch.Tensor, T: int, K: int, seed: int) -> torch.Tensor:
+    """K distinct experts per token, drawn without replacement from p."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.multinomial(p_E.expand(T, -1), K, replacement=False, generator=g)
+
+
+def synthetic_router(layer: MoELayer, topk_source) -> None:
     router = layer.router
 
     def forward(x_TD, ctx=None):  # the MoE layer passes its RouteContext; this router needs none of it
         logits = torch.nn.functional.linear(x_TD.float(), router.gate.weight.float())
         scores = torch.softmax(logits, -1)
-        topk = topk_source(x_TD.shape[0])
+        topk = topk_source()
         gates = scores.gather(1, topk)
         gates = gates / gates.sum(-1, keepdim=True)
-        return RouterOutput(topk, gates, scores, logits, torch.bincount(topk.flatten(), minlength=scores.shape[1]).float())
+        counts = torch.bincount(topk.flatten(), minlength=scores.shape[1]).float()
+        return RouterOutput(topk, gates, scores, logits, counts)
 
     router.forward = forward
 
 
-def capture_plans(layer: MoELayer, sink: list):
-    inner = layer.dispatcher.plan
-
-    def plan(*a, **k):
-        p = inner(*a, **k)
-        sink.append(p)
-        return p
-
-    layer.dispatcher.plan = plan
-
-
-def build(args, fssdp: bool) -> MoELayer:
+# ------------------------------------------------------------------------------------------------- one scenario
+def build(args, mode: str, calibrate: bool = False) -> MoELayer:
+    """mode: ep | fssdp (the configured cost model and fallback) | fssdp_rows (flops_per_byte=0, no fallback: the
+    placement before the cost model, balancing rows only)."""
     torch.manual_seed(0)
-    cfg = FSSDPConfig(budget=args.budget, rematerialize=args.rematerialize, window=4) if fssdp else None
+    cfg = None
+    if mode == "fssdp":
+        cfg = FSSDPConfig(budget=args.budget, rematerialize=args.rematerialize, window=args.window,
+                          flops_per_byte=args.flops_per_byte, fallback=not args.no_fallback, calibrate=calibrate)
+    elif mode == "fssdp_rows":
+        cfg = FSSDPConfig(budget=args.budget, rematerialize=args.rematerialize, window=args.window,
+                          flops_per_byte=0.0, fallback=False, calibrate=calibrate)
     layer = build_moe_layer(args.dim, args.hidden, args.experts, 0, RouterConfig(top_k=args.top_k), layer_id=1,
                             ep_group=dist.group.WORLD, fssdp=cfg)
     torch.manual_seed(1)
@@ -77,76 +159,127 @@ def build(args, fssdp: bool) -> MoELayer:
     return layer
 
 
-class Mode:
-    """One layer (EP or FSSDP) with its synthetic router, stepped and measured iteration by iteration."""
-
-    def __init__(self, rank, world, args, fssdp: bool):
-        self.rank, self.world, self.args = rank, world, args
-        self.layer = build(args, fssdp)
-        self.iteration = 0
-        synthetic_router(self.layer, lambda T: zipf_topk(T, args.experts, args.top_k, args.zipf,
-                                                         seed=1000 * self.iteration + rank))
-        self.plans: list = []
-        capture_plans(self.layer, self.plans)
-        g = torch.Generator().manual_seed(rank)
-        self.x = torch.randn(args.tokens, args.dim, generator=g)
-        self.dy = torch.randn(args.tokens, args.dim, generator=g)
-        self.times, self.rows, self.bytes_a2a, self.bytes_sparse = [], [], [], []
-
-    def step(self, i: int, measure: bool) -> None:
-        layer, args = self.layer, self.args
-        self.iteration = i
-        layer.zero_grad(set_to_none=True)
-        state = getattr(layer.experts, "state", None)
-        if state is not None:
-            state.bytes_gathered = 0
-        x = self.x.clone().requires_grad_()
-        dist.barrier()
-        t0 = time.perf_counter()
-        y, record = layer(x[None], return_record=True)
-        y.squeeze(0).backward(self.dy)
-        elapsed = torch.tensor([time.perf_counter() - t0])
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the step waits for the slowest rank
-        counts = record.tokens_per_expert_E.double()
-        dist.all_reduce(counts)
-        if state is not None:  # what the trainer does after every step: observe the load, place the next step
-            state.after_step(i + 1, counts, list(layer.experts.parameters()), None)
-        if not measure:
-            return
-        self.times.append(elapsed.item())
-        self.rows.append(record.tokens_per_local_expert_L.sum().item())
-        plan = self.plans[-1]
-        sent_rows = sum(n for w, n in enumerate(plan.send_splits) if w != self.rank)
-        self.bytes_a2a.append(4 * sent_rows * args.dim * 4)  # dispatch + combine, forward + backward, fp32
-        if state is not None:
-            gathered = state.bytes_gathered  # forward spAG (+ the backward re-gather when re-materializing)
-            forward = gathered // 2 if args.rematerialize else gathered
-            self.bytes_sparse.append(gathered + forward)  # + spRS in backward: the forward gather's volume
-
-    def summary(self) -> dict:
-        args, state = self.args, getattr(self.layer.experts, "state", None)
-        per_expert = 3 * args.dim * args.hidden * 4
-        if state is not None:
-            mem = len(state.placement.materialized(self.rank)) * per_expert  # owned + replicas, resident in forward
-            replicas = state.placement.num_replicas()
-        else:
-            mem, replicas = args.experts // self.world * per_expert, [1] * args.experts
-        return {"time_s": statistics.median(self.times), "rows": statistics.mean(self.rows),
-                "bytes_a2a": statistics.mean(self.bytes_a2a),
-                "bytes_sparse": statistics.mean(self.bytes_sparse) if self.bytes_sparse else 0,
-                "expert_mem_bytes": mem, "replicas": replicas}
-
-
-def worker(rank, world, args):
-    modes = {"ep": Mode(rank, world, args, fssdp=False), "fssdp": Mode(rank, world, args, fssdp=True)}
+def run_scenario(rank: int, world: int, args, scenario: str) -> dict:
+    """Both modes on one scenario, interleaved step by step; per-step records (slowest rank, all ranks' rows)."""
+    calibrate = scenario.endswith("+cal")
+    popularity = Popularity(scenario.removesuffix("+cal"), args.experts)
+    current = {"topk": None}
+    modes = ("ep", "fssdp", "fssdp_rows") if args.compare_rows_only else ("ep", "fssdp")
+    layers = {m: build(args, m, calibrate) for m in modes}
+    for layer in layers.values():
+        synthetic_router(layer, lambda: current["topk"])
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(args.tokens, args.dim, generator=g)
+    dy = torch.randn(args.tokens, args.dim, generator=g)
+    rec = {m: {"time": [], "rows_max_over_mean": []} for m in layers}
+    for m in modes[1:]:
+        rec[m].update(replicas=[], budget=[], sparse_MB=[])
     for i in range(args.warmup + args.iters):
-        order = ("ep", "fssdp") if i % 2 == 0 else ("fssdp", "ep")  # interleaved: drift hits both alike
-        for name in order:
-            modes[name].step(i, measure=i >= args.warmup)
-    return {name: m.summary() for name, m in modes.items()}
+        current["topk"] = draw_topk(popularity(i), args.tokens, args.top_k, seed=1_000_003 * i + rank)
+        for name in modes[i % len(modes):] + modes[:i % len(modes)]:  # interleaved, rotating: load hits all alike
+            layer = layers[name]
+            state = getattr(layer.experts, "state", None)
+            layer.zero_grad(set_to_none=True)
+            if state is not None:
+                state.bytes_gathered = 0
+            xi = x.clone().requires_grad_()
+            dist.barrier()
+            t0 = time.perf_counter()
+            y, record = layer(xi[None], return_record=True)
+            y.backward(dy[None])
+            elapsed = torch.tensor([time.perf_counter() - t0])
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the step waits for the slowest rank
+            rows = [torch.zeros(1) for _ in range(world)]
+            dist.all_gather(rows, record.tokens_per_local_expert_L.sum().float().reshape(1))
+            counts = record.tokens_per_expert_E.double()
+            dist.all_reduce(counts)
+            if state is not None:  # what the trainer does after every step: observe the load, place the next step
+                sent_t = torch.tensor([float(state.bytes_gathered)])
+                dist.all_reduce(sent_t)
+                sent = sent_t.item() / world  # spAG bytes sent, mean over ranks
+                replicas = sum(state.placement.num_replicas()) - args.experts  # the placement this step used
+                budget = state.controller.budget
+                state.after_step(i + 1, counts, list(layer.experts.parameters()), None)
+            if i < args.warmup:
+                continue
+            r = rec[name]
+            r["time"].append(elapsed.item())
+            rows_W = [float(t) for t in rows]
+            r["rows_max_over_mean"].append(max(rows_W) / max(1e-9, statistics.mean(rows_W)))
+            if state is not None:
+                r["replicas"].append(replicas)
+                r["budget"].append(budget)
+                r["sparse_MB"].append((sent + (sent / 2 if args.rematerialize else sent)) / 2**20)  # + spRS
+    return rec
 
 
-def main(argv=None) -> int:
+def worker(rank: int, world: int, args, scenarios: list[str]) -> dict:
+    return {s: run_scenario(rank, world, args, s) for s in scenarios}
+
+
+# --------------------------------------------------------------------------------------------------- summary
+def describe(scenario: str) -> str:
+    if scenario.endswith("+cal"):
+        return describe(scenario.removesuffix("+cal")) + "; FSSDP calibrated (`parallel.fssdp.calibrate=true`)"
+    if scenario.startswith("zipf"):
+        s, layout = scenario[4:].split("-")
+        return DESCRIPTIONS[layout].format(s=s)
+    if scenario.startswith("drift-") and scenario not in DESCRIPTIONS:
+        return DESCRIPTIONS["drift-N"].format(n=scenario.split("-")[1])
+    return DESCRIPTIONS[scenario]
+
+
+def summarize(scenario: str, rec: dict) -> dict:
+    """rec: rank 0's records (times are already the slowest rank's, rows already every rank's)."""
+    ep, fs = rec["ep"], rec["fssdp"]
+    ratios = [a / b for a, b in zip(ep["time"], fs["time"])]
+    extra = {}
+    if "fssdp_rows" in rec:
+        fr = rec["fssdp_rows"]
+        rows_ratios = [a / b for a, b in zip(ep["time"], fr["time"])]
+        extra = {"fssdp_rows_s": statistics.median(fr["time"]), "speedup_rows_only": statistics.median(rows_ratios),
+                 "speedup_rows_only_lo": min(rows_ratios), "speedup_rows_only_hi": max(rows_ratios),
+                 "rows_max_over_mean_fssdp_rows": statistics.median(fr["rows_max_over_mean"]),
+                 "replicas_mean_rows_only": statistics.mean(fr["replicas"])}
+    return {**extra, "scenario": scenario, "description": describe(scenario),
+            "ep_s": statistics.median(ep["time"]), "fssdp_s": statistics.median(fs["time"]),
+            "speedup": statistics.median(ratios), "speedup_lo": min(ratios), "speedup_hi": max(ratios),
+            "rows_max_over_mean_ep": statistics.median(ep["rows_max_over_mean"]),
+            "rows_max_over_mean_fssdp": statistics.median(fs["rows_max_over_mean"]),
+            "replicas_mean": statistics.mean(fs["replicas"]), "budget_mean": statistics.mean(fs["budget"]),
+            "sparse_MB": statistics.mean(fs["sparse_MB"]), "steps": len(ratios)}
+
+
+def markdown(rows: list[dict]) -> str:
+    old = "speedup_rows_only" in rows[0]
+    head = ("| routing | EP s | FSSDP s | EP/FSSDP (min..max) | rows max/mean EP | FSSDP | replicas/step | "
+            "budget (mean) | spAG+spRS MB |")
+    if old:
+        head += " EP/FSSDP rows-only placement (min..max) | its rows max/mean | its replicas/step |"
+    out = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        line = (f"| {r['description']} (`{r['scenario']}`) | {r['ep_s']:.3f} | {r['fssdp_s']:.3f} | "
+                f"**{r['speedup']:.2f}x** ({r['speedup_lo']:.2f}..{r['speedup_hi']:.2f}) | "
+                f"{r['rows_max_over_mean_ep']:.2f} | {r['rows_max_over_mean_fssdp']:.2f} | "
+                f"{r['replicas_mean']:.1f} | {r['budget_mean']:.1f} | {r['sparse_MB']:.1f} |")
+        if old:
+            line += (f" {r['speedup_rows_only']:.2f}x ({r['speedup_rows_only_lo']:.2f}..{r['speedup_rows_only_hi']:.2f})"
+                     f" | {r['rows_max_over_mean_fssdp_rows']:.2f} | {r['replicas_mean_rows_only']:.1f} |")
+        out.append(line)
+    return "\n".join(out)
+
+
+def busy_warning(rows: list[dict]) -> Optional[str]:
+    """The per-step ratio of two modes doing the same work (uniform routing) should be ~1; a wide spread anywhere
+    means other processes loaded the machine unevenly during the run."""
+    wide = [r["scenario"] for r in rows if r["speedup_hi"] / r["speedup_lo"] > 1.5]
+    if wide:
+        return (f"per-step EP/FSSDP ratios spread more than 1.5x in {', '.join(wide)}: the machine was busy; "
+                "trust the medians only roughly")
+    return None
+
+
+def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--experts", type=int, default=8)
@@ -154,41 +287,60 @@ def main(argv=None) -> int:
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--tokens", type=int, default=4096, help="tokens per rank")
-    p.add_argument("--zipf", type=float, default=1.2, help="Zipf exponent of expert popularity; 0 = uniform")
+    p.add_argument("--scenarios", default=",".join(SUITE), help="comma-separated (module doc)")
     p.add_argument("--budget", type=int, default=2, help="FSSDP: extra experts a rank may materialize")
+    p.add_argument("--window", type=int, default=FSSDPConfig.window, help="FSSDP: steps of load history")
+    p.add_argument("--flops-per-byte", type=float, default=FSSDPConfig.flops_per_byte,
+                   help="FSSDP cost model (0: copies free, the placement before the cost model)")
+    p.add_argument("--no-fallback", action="store_true", help="FSSDP: keep the full budget whatever the regret")
     p.add_argument("--rematerialize", action="store_true")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--compare-rows-only", action="store_true",
+                   help="a third mode, interleaved too: FSSDP placing by rows only (flops_per_byte=0, no fallback)")
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--iters", type=int, default=9)
+    p.add_argument("--quick", action="store_true", help="D=256 F=512 T=2048/rank, 7 timed steps")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    if args.quick:
+        args.dim, args.hidden, args.tokens, args.iters = 256, 512, 2048, 7
     if args.experts % args.world:
         p.error(f"--experts {args.experts} must be a multiple of --world {args.world}")
+    return args
 
-    results = run_distributed(worker, args.world, args, timeout=1800)  # one thread per rank, gloo
 
-    summary = {"args": vars(args)}
-    print(f"W={args.world} E={args.experts} K={args.top_k} D={args.dim} F={args.hidden} T={args.tokens}/rank "
-          f"zipf={args.zipf} budget={args.budget} remat={args.rematerialize}")
-    print(f"{'mode':<6} {'fwd+bwd s':>10} {'rows max/mean':>14} {'a2a MB/rank':>12} {'spAG+spRS MB':>13} "
-          f"{'expert MB max':>14}")
-    for mode in ("ep", "fssdp"):
-        per_rank = [results[r][mode] for r in range(args.world)]
-        rows = [r["rows"] for r in per_rank]
-        s = {"time_s": per_rank[0]["time_s"], "rows_max_over_mean": max(rows) / (sum(rows) / len(rows)),
-             "a2a_MB_mean": statistics.mean(r["bytes_a2a"] for r in per_rank) / 2**20,
-             "sparse_MB_mean": statistics.mean(r["bytes_sparse"] for r in per_rank) / 2**20,
-             "expert_MB_max": max(r["expert_mem_bytes"] for r in per_rank) / 2**20,
-             "replicas": per_rank[0]["replicas"]}
-        summary[mode] = s
-        print(f"{mode:<6} {s['time_s']:>10.3f} {s['rows_max_over_mean']:>14.3f} {s['a2a_MB_mean']:>12.1f} "
-              f"{s['sparse_MB_mean']:>13.1f} {s['expert_MB_max']:>14.1f}")
-    speedup = summary["ep"]["time_s"] / summary["fssdp"]["time_s"]
-    summary["fssdp_speedup"] = speedup
-    print(f"FSSDP speed-up over EP (time ratio EP / FSSDP): {speedup:.2f}x; replicas per expert: "
-          f"{summary['fssdp']['replicas']}")
+def run(args) -> dict:
+    scenarios = [s for s in args.scenarios.split(",") if s]
+    for s in scenarios:
+        Popularity(s.removesuffix("+cal"), args.experts)(0)  # unknown names and a trace of another expert count fail here, before spawning
+    results = run_distributed(worker, args.world, args, scenarios, timeout=3600)  # one thread per rank, gloo
+    rows = [summarize(s, results[0][s]) for s in scenarios]
+    config = {k: getattr(args, k) for k in ("world", "experts", "top_k", "dim", "hidden", "tokens", "budget", "window",
+                                            "flops_per_byte", "warmup", "iters", "rematerialize",
+                                            "compare_rows_only")}
+    config.update(fallback=not args.no_fallback, device="cpu", backend="gloo", threads_per_rank=1)
+    return {"config": config, "rows": rows, "markdown": markdown(rows), "busy_warning": busy_warning(rows)}
+
+
+def run_fssdp_suite(quick: bool) -> dict:
+    """The whole suite on 2 gloo ranks (quick: smaller shape, fewer steps); returns config, rows (one dict per
+    scenario: ep_s, fssdp_s, speedup with speedup_lo..speedup_hi, rows max/mean per mode, replicas_mean,
+    budget_mean, sparse_MB), a markdown table and a busy-machine warning (None when the spread looked clean)."""
+    return run(parse(["--quick"] if quick else []))
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    out = run(args)
+    c = out["config"]
+    print(f"W={c['world']} E={c['experts']} K={c['top_k']} D={c['dim']} F={c['hidden']} T={c['tokens']}/rank "
+          f"budget={c['budget']} window={c['window']} flops_per_byte={c['flops_per_byte']} fallback={c['fallback']} "
+          f"remat={c['rematerialize']}; warm-up {c['warmup']}, {c['iters']} timed steps, fp32, 1 thread/rank, gloo")
+    print(out["markdown"])
+    if out["busy_warning"]:
+        print("WARNING:", out["busy_warning"])
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(summary, f, indent=1)
+            json.dump(out, f, indent=1)
     return 0
 
 
