@@ -345,13 +345,23 @@ class AllToAllDispatcher:
     def combine_preprocess(self, y_CD, plan: AllToAllPlan, chunk: int = 0):
         """y_UrD: the gated sum of the copies of each arrived unique row, in y's dtype (accumulated in fp32)."""
         c, arrivals = plan.chunks[chunk], self._arrivals(plan)
-        y_UrD = kernels.combine(y_CD, arrivals.gates[chunk], arrivals.uidx[chunk], sum(c.recv_splits),
-                                arrivals.row_map[chunk])
-        return y_UrD.to(y_CD.dtype)
+        return kernels.combine(y_CD, arrivals.gates[chunk], arrivals.uidx[chunk], sum(c.recv_splits),
+                               arrivals.row_map[chunk], out_dtype=y_CD.dtype)
 
     def combine_comm(self, y_UrD, plan: AllToAllPlan, chunk: int = 0):
         c = plan.chunks[chunk]
         return all_to_all_single_autograd(y_UrD.contiguous(), c.send_splits, c.recv_splits, self.group)
+
+    def dispatch_comm_grad(self, grad_UrD, plan: AllToAllPlan, chunk: int = 0):
+        """The transpose of dispatch_comm (no autograd, async): chunk c's arrival gradient back to its sources."""
+        c = plan.chunks[chunk]
+        return all_to_all_single(grad_UrD.contiguous(), c.send_splits, c.recv_splits, self.group)
+
+    def combine_comm_grad(self, grad_UD, plan: AllToAllPlan, chunk: int = 0):
+        """The transpose of combine_comm (no autograd, async): chunk c's rows of the send-order gradient go to the
+        ranks that computed them."""
+        c = plan.chunks[chunk]
+        return all_to_all_single(grad_UD[c.rows].contiguous(), c.recv_splits, c.send_splits, self.group)
 
     def combine_postprocess(self, y_UD, plan: AllToAllPlan):
         """y_UD: the combine results of all chunks, concatenated in chunk order (= the send order);
