@@ -20,7 +20,10 @@ copies in combine_preprocess (parallel/dispatch/alltoall.py).
 
 Splitting the steps lets the layer compute shared experts while the dispatch is in flight, and lets the pipeline
 overlap the transfer of chunk c+1 and the combine of chunk c-1 with the expert compute of chunk c. Every step is
-autograd-correct.
+autograd-correct. For the backward the layer schedules the chunks' gradient all-to-alls itself (moe/overlap.py) with
+the transposes of the two comms, `dispatch_comm_grad(grad_c, plan, c)` (chunk c's arrival gradient back to its
+sources) and `combine_comm_grad(grad_RD, plan, c)` (chunk c's rows of the send-order gradient to the experts'
+ranks): asynchronous, no autograd.
 
 Besides the data path a dispatcher has per-step hooks (every rank, same order): `degree` (the pipeline chunks it
 uses now), `expert_location_E()` (the rank that computes each expert, for routers that limit how many ranks or
@@ -57,6 +60,12 @@ class Dispatcher(Protocol):
     def combine_comm(self, y_RrD: torch.Tensor, plan, chunk: int = 0) -> torch.Tensor: ...
 
     def combine_postprocess(self, y_RD: torch.Tensor, plan) -> torch.Tensor: ...
+
+    # The transposes of the two comms, without autograd, asynchronous (waitable): the scheduled backward of
+    # moe/overlap.py sends each chunk's gradients with them.
+    def dispatch_comm_grad(self, grad_RrD: torch.Tensor, plan, chunk: int = 0) -> torch.Tensor: ...
+
+    def combine_comm_grad(self, grad_RD: torch.Tensor, plan, chunk: int = 0) -> torch.Tensor: ...
 
     def after_step(self, step: int, global_tokens_per_expert_E: torch.Tensor,
                    optimizer: Optional[torch.optim.Optimizer]) -> None: ...
@@ -119,3 +128,9 @@ class LocalDispatcher(NoStepState):
 
     def combine_postprocess(self, y_RD, plan):
         return unpermute(y_RD, plan)
+
+    def dispatch_comm_grad(self, grad_RD, plan, chunk: int = 0):
+        return grad_RD
+
+    def combine_comm_grad(self, grad_RD, plan, chunk: int = 0):
+        return grad_RD

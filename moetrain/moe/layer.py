@@ -9,7 +9,8 @@ The shared experts are one fused SwiGLU of hidden size Fs (`shared_hidden`, defa
 
 The shared experts run between dispatch_comm and dispatch_postprocess, i.e. while the tokens are in flight. With a
 pipeline degree n > 1 the all-to-all travels in n chunks (each a slice of every rank's experts): all chunks are sent
-at once, then chunk c is computed and its combine sent while the later chunks are still arriving.
+at once, then chunk c is computed and its combine sent while the later chunks are still arriving; in backward each
+chunk's gradient all-to-all leaves as soon as that gradient exists (moetrain/moe/overlap.py).
 `layer(x, return_record=True)` also returns the forward's `RoutingRecord` (counts, router losses, statistics): the
 caller owns it, nothing is left on the module. Activation recomputation in backward therefore counts nothing twice:
 the recomputed record is simply not returned to anyone.
@@ -34,6 +35,7 @@ from moetrain.kernels.grouped_gemm import autocast_dtype
 from moetrain.model.mlp import SwiGLU
 from moetrain.moe.dispatch import Dispatcher, LocalDispatcher
 from moetrain.moe.experts import GroupedExperts
+from moetrain.moe.overlap import ChunkExchange
 from moetrain.moe.routers import RouteContext, build_router
 
 
@@ -109,22 +111,23 @@ class MoELayer(nn.Module):
         plan = d.plan(routed.topk_idx_TK, routed.gates_TK, keep_TK=routed.keep_TK)
         # Under autocast the tokens travel and meet the experts in the autocast dtype (permutation, all-to-all, GEMM).
         x_RD = d.dispatch_preprocess(x_TD.to(amp_dtype) if amp_dtype else x_TD, plan)
-        in_flight = [d.dispatch_comm(x_RD, plan, c) for c in range(plan.num_chunks)]  # all chunks start moving
+        ex = ChunkExchange(d, plan)  # the chunks' all-to-alls, scheduled in both directions (moe/overlap.py)
+        in_flight = ex.send(x_RD)  # all chunks start moving
         shared_TD = self.shared_experts(x_TD) if self.shared_experts is not None else None
         if self.shared_gate is not None:
             shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
-        outs, counts = [], []
+        counts = []
         with self.experts.materialize() as weights:
             for c in range(plan.num_chunks):  # compute chunk c while later chunks arrive and earlier ones return
-                x_c, tokens_c, experts_c = d.dispatch_postprocess(in_flight[c], plan, c)
+                x_c, tokens_c, experts_c = d.dispatch_postprocess(ex.arrival(in_flight, c), plan, c)
                 if self.recompute_experts and torch.is_grad_enabled():
                     # The weights go in as tensors, so saved-tensor hooks (FSSDP re-materialization) see them.
                     y_c = checkpoint(self._compute_experts, x_c, tokens_c, experts_c, *weights, use_reentrant=False)
                 else:
                     y_c = self.experts.compute(x_c, tokens_c, weights, experts_c)
-                outs.append(d.combine_comm(d.combine_preprocess(y_c, plan, c), plan, c))
+                ex.send_back(d.combine_preprocess(y_c, plan, c), c)
                 counts.append(tokens_c)
-        y_RD = outs[0] if len(outs) == 1 else torch.cat(outs)
+        y_RD = ex.gather()
         y_TD = d.combine_postprocess(y_RD, plan)  # accumulated in fp32; kept fp32 (the residual's dtype) under autocast
         if amp_dtype is None:
             y_TD = y_TD.to(x_BSD.dtype)
