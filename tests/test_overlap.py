@@ -121,3 +121,20 @@ def test_no_grad_forward_and_inputs_without_grad():
     _, _, grads, _, _ = run_layer(layer, x, dy)
     for name in ref:
         torch.testing.assert_close(grads[name], ref[name])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("recompute", [False, True])
+def test_cuda_matches_cpu(recompute):
+    """One process on the GPU (LocalDispatcher: the exchange's Functions, placeholders and transposes on CUDA)."""
+    x, dy = global_inputs(64, D)
+
+    def run(device):
+        layer = make_layer(8, 2, shared=True, recompute=recompute).to(device)
+        xi = x.to(device).requires_grad_()
+        y = layer(xi[None])
+        (y[0] * dy.to(device)).sum().backward()
+        return [y.cpu(), xi.grad.cpu()] + [p.grad.cpu() for p in layer.parameters()]
+
+    for a, b in zip(run("cpu"), run("cuda")):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
