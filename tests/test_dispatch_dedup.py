@@ -73,12 +73,45 @@ def test_unique_rows_one_row_per_token_and_block():
     b = max(range(B), key=lambda b: int(u.unique_B[b]))
     sel = (block_R == b).nonzero().flatten()
     meta_C = u.meta_R[sel]
-    uidx, row_UK = expand_index(meta_C, torch.zeros_like(meta_C), [int(u.unique_B[b])], K, with_row_map=True)
+    uidx, row_UK = expand_index(meta_C, torch.zeros_like(meta_C), [int(u.unique_B[b])], torch.tensor([K]),
+                                with_row_map=True)
     Ur = int(u.unique_B[b])
     assert torch.equal(uidx == Ur, meta_C < 0)
     for c in range(len(sel)):
         if uidx[c] < Ur:
             assert int(row_UK[uidx[c], meta_C[c] % K]) == c
+
+
+def test_expand_index_decodes_each_source_with_its_own_top_k():
+    """Sources with different copy widths K_s (expert choice: the most experts any of the rank's tokens got) arrive in
+    one chunk: each copy's metadata is decoded with its source's stride, and the row map is max K_s wide."""
+    g = torch.Generator().manual_seed(5)
+    E, T = 4, 6
+    metas, sources, tokens, splits = [], [], [], []
+    for s, K in enumerate((3, 1)):
+        topk_TK = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+        copies = sorted(((t * K + k, int(topk_TK[t, k])) for t in range(T) for k in range(K)),
+                        key=lambda c: (c[1], c[0]))
+        copy_R, expert_R = torch.tensor([c for c, _ in copies]), torch.tensor([e for _, e in copies])
+        block_R = torch.zeros_like(copy_R)  # one destination, one chunk
+        u = unique_rows(copy_R, block_R, expert_R, T, K, 1)
+        token_U, _ = send_rows(u, copy_R // K, copy_R, block_R, 1, int(u.unique_B.sum()), T, K, with_row_map=False)
+        metas.append(u.meta_R)
+        sources.append(torch.full_like(copy_R, s))
+        tokens.append(token_U + 100 * s)  # tell the sources' tokens apart
+        splits.append(int(u.unique_B.sum()))
+    meta_C, source_C, token_Ur = torch.cat(metas), torch.cat(sources), torch.cat(tokens)
+    uidx, row_UK = expand_index(meta_C, source_C, splits, torch.tensor([3, 1]), with_row_map=True)
+    assert row_UK.shape == (sum(splits), 3)
+    offset = 0
+    for s, m in enumerate(metas):
+        n = m.shape[0]
+        K = (3, 1)[s]
+        expected_tokens = sorted(c // K + 100 * s for c in range(T * K))
+        assert sorted(token_Ur[uidx[offset:offset + n]].tolist()) == expected_tokens  # each copy, its own token
+        offset += n
+    for c in range(meta_C.shape[0]):
+        assert int(row_UK[uidx[c], meta_C[c] % (3, 1)[int(source_C[c])]]) == c
 
 
 # --------------------------------------------------------------------------------------------------------- layer

@@ -99,6 +99,7 @@ class AllToAllPlan:
     copy_recv_splits: list[int]  # copies arriving from each rank
     recv_order_C: torch.Tensor  # arrival order (source, expert) -> (expert, source), all chunks
     recv_source_C: torch.Tensor  # source rank of each copy, (expert, source) order
+    recv_top_k_W: torch.Tensor  # copy width K of each source rank (the stride of its metadata)
     meta_in: torch.Tensor  # in-flight per-copy metadata, int32 (arrival order)
     gates_in: torch.Tensor  # in-flight gates (arrival order)
     timing: Optional[RegionTiming] = None  # clocks of a micro-batch timed for the degree tuner (see `plan`)
@@ -280,14 +281,17 @@ class AllToAllDispatcher:
             local = local.reordered(order_R)
             dest_R, expert_R, block_R = dest_R[order_R], expert_R[order_R], block_R[order_R]
         rows = unique_rows(local.copy_idx_R, block_R, expert_R, local.num_tokens, local.top_k, W * n)
+        # Per destination rank: copies per expert | unique rows per chunk | this rank's copy width K (it sets the
+        # metadata's stride, and routers such as expert choice give each rank its own K).
         send_counts_WX = torch.cat([torch.bincount(dest_R * E + expert_R, minlength=W * E).view(W, E),
-                                    rows.unique_B.view(W, n)], 1)  # per rank: copies per expert | rows per chunk
+                                    rows.unique_B.view(W, n), counts_E.new_full((W, 1), local.top_k)], 1)
         recv_counts_WX = torch.empty_like(send_counts_WX)
         dist.all_to_all_single(recv_counts_WX, send_counts_WX, group=self.group)
         send_h, recv_h = torch.stack([send_counts_WX, recv_counts_WX]).cpu()  # the splits are host ints
         copy_send_splits, copy_recv_splits = send_h[:, :E].sum(1).tolist(), recv_h[:, :E].sum(1).tolist()
         triton = kernels.resolve_backend("auto", topk_idx_TK.device) == "triton"
-        token_U, row_TK = send_rows(rows, local.token_idx_R, local.copy_idx_R, block_R, n, int(send_h[:, E:].sum()),
+        num_unique = int(send_h[:, E:E + n].sum())
+        token_U, row_TK = send_rows(rows, local.token_idx_R, local.copy_idx_R, block_R, n, num_unique,
                                     local.num_tokens, local.top_k, triton)
         # Per-copy metadata and gates travel now, for all chunks, while the rows get permuted and sent.
         meta_in = all_to_all_single(rows.meta_R.to(torch.int32), copy_recv_splits, copy_send_splits, self.group)
@@ -309,7 +313,7 @@ class AllToAllDispatcher:
                                     slice(copy, copy + num_copies), slice(lo, hi), recv_counts_WM[:, lo:hi].sum(0)))
             row, copy = row + sum(send_splits), copy + num_copies
         return AllToAllPlan(local, placement, chunks, token_U, row_TK, copy_send_splits, copy_recv_splits,
-                            recv_order_C, source_A[recv_order_C], meta_in, gates_in, timing)
+                            recv_order_C, source_A[recv_order_C], recv_counts_WX[:, E + n], meta_in, gates_in, timing)
 
     def _arrivals(self, plan: AllToAllPlan) -> Arrivals:
         """Wait for the metadata and gates (once per plan) and derive every chunk's expand index and gates."""
@@ -320,7 +324,7 @@ class AllToAllDispatcher:
             uidx, row_map, gates = [], [], []
             for c in plan.chunks:
                 u, r = expand_index(meta_C[c.copies], plan.recv_source_C[c.copies], c.recv_splits,
-                                    plan.local.top_k, triton)
+                                    plan.recv_top_k_W, triton)
                 uidx.append(u)
                 row_map.append(r)
                 gates.append(gates_C[c.copies])

@@ -15,7 +15,8 @@ The unique rows are sent in (chunk, destination) order, x_UD = x_TD[token_U], so
 meta_R and the gates travel in copy order, one all-to-all each for all chunks.
 Destination (`expand_index`): the arriving copies are regrouped from (source, expert) to (expert, source) blocks
 (the grouped GEMM's layout); copy c of a chunk, from source s:
-    uidx_C[c] = meta_C[c] // K + (first row of s among the chunk's arrivals)      (Ur for padding: a zero row)
+    uidx_C[c] = meta_C[c] // K_s + (first row of s among the chunk's arrivals)    (Ur for padding: a zero row)
+    (K_s: the source's copy width, sent with its counts: ranks may differ, e.g. under expert choice)
     x_CD      = x_UrD[uidx_C]                                     expand: kernels/permute.py permute
     y_UrD[u]  = sum over the copies c of u of gates_C[c] * y_CD[c]       reduce: kernels/permute.py combine
 Back at the source: y_TD[t] = sum over the unique rows u of t of y_UD[u] (moe/plan.py sum_unique_rows).
@@ -94,17 +95,22 @@ def send_rows(rows: UniqueRows, token_idx_R: torch.Tensor, copy_idx_R: torch.Ten
     return token_U, row_TK
 
 
-def expand_index(meta_C: torch.Tensor, source_C: torch.Tensor, recv_splits: list[int], top_k: int,
+def expand_index(meta_C: torch.Tensor, source_C: torch.Tensor, recv_splits: list[int], top_k_W: torch.Tensor,
                  with_row_map: bool):
     """(uidx_C, row_UK) of one chunk at the destination (module docstring): the arriving unique row each copy expands
-    from (Ur for padding), and, when `with_row_map`, the inverse map row_UK[u, ord] = copy c (-1 if none)."""
-    Ur, K = sum(recv_splits), top_k
+    from (Ur for padding), and, when `with_row_map`, the inverse map row_UK[u, ord] = copy c (-1 if none).
+    top_k_W: each source's copy width K_s, the stride of its metadata (routers may give ranks different widths:
+    expert choice's K is the most experts any of the rank's tokens got); row_UK has max_s K_s columns."""
+    Ur = sum(recv_splits)
     first_W = _exclusive_cumsum(torch.tensor(recv_splits, dtype=torch.long)).to(meta_C.device)
     pad_C = meta_C < 0
-    uidx_C = torch.where(pad_C, Ur, meta_C // K + first_W[source_C])
+    top_k_W = top_k_W.to(meta_C.device)
+    K_C = top_k_W[source_C]
+    uidx_C = torch.where(pad_C, Ur, meta_C // K_C + first_W[source_C])
     row_UK = None
     if with_row_map:
-        cell_C = torch.where(pad_C, Ur * K, uidx_C * K + meta_C % K)  # padding copies write to a dump cell
+        K = int(top_k_W.max()) if top_k_W.numel() else 1
+        cell_C = torch.where(pad_C, Ur * K, uidx_C * K + meta_C % K_C)  # padding copies write to a dump cell
         row_UK = torch.full((Ur * K + 1,), -1, dtype=torch.long, device=meta_C.device).index_put_(
             (cell_C,), torch.arange(meta_C.shape[0], device=meta_C.device))[:-1].view(Ur, K)
     return uidx_C, row_UK
