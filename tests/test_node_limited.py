@@ -172,7 +172,9 @@ def test_ep_two_ranks_keep_every_token_on_one_rank_and_match_one_process():
 
 
 def _fssdp_body(rank, world):
-    layer = make_layer(build_groups(ParallelContext(ep=world)).ep_group, FSSDPConfig(budget=1, reshard_every=1))
+    # flops_per_byte=0: replica copies cost nothing, so this tiny load places its replica (what the test needs).
+    layer = make_layer(build_groups(ParallelContext(ep=world)).ep_group,
+                       FSSDPConfig(budget=1, reshard_every=1, flops_per_byte=0.0))
     d, state = layer.dispatcher, layer.experts.state
     before = d.expert_location_E()
     layer.after_step(1, torch.tensor(LOAD), None)  # re-shard by load: owners move, weights move with them
