@@ -65,7 +65,7 @@ def _two_ranks(rank, world, method, mode):
     from moetrain.config.schema import FSSDPConfig
 
     ctx = build_groups(ParallelContext(ep=world))
-    layer = make_layer(method, ctx.ep_group, FSSDPConfig(budget=1) if mode == "fssdp" else None)
+    layer = make_layer(method, ctx.ep_group, FSSDPConfig(budget=1, flops_per_byte=0.0) if mode == "fssdp" else None)
     x, dy = global_batch()
     mine = slice(rank * B // world, (rank + 1) * B // world)  # whole sequences per rank
     return run(layer, x[mine], dy[mine], 1 / world)
