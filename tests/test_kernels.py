@@ -113,8 +113,8 @@ class PoisonedWorkspace(ws.Workspace):
     group's weight gradient left unzeroed), or a buffer handed out while something still uses it, shows as NaN or
     as a wrong value."""
 
-    def empty(self, name, shape, dtype, device):
-        t = super().empty(name, shape, dtype, device)
+    def empty(self, name, shape, dtype, device, exact=False):
+        t = super().empty(name, shape, dtype, device, exact)
         return t.fill_(float("nan")) if t.is_floating_point() else t
 
 
@@ -192,6 +192,22 @@ def test_workspace_never_hands_out_a_buffer_in_use():
     big = w.empty("k", (64, 8), torch.float32, "cpu")
     assert big.shape == (64, 8) and not big._is_view()
     assert w.empty("k", (4, 8), torch.bfloat16, "cpu").dtype == torch.bfloat16  # its own key
+
+
+def test_workspace_exact_buffers_hold_no_more_than_the_tensor():
+    """exact=True (weight gradients, which live on as .grad): the storage is exactly the tensor, a free buffer of
+    another size is never handed out (it is dropped instead), one of the same size is reused."""
+    w = ws.Workspace()
+    a = w.empty("dw", (4, 8), torch.float32, "cpu", exact=True)
+    assert a.untyped_storage().nbytes() == 4 * 8 * 4
+    del a
+    b = w.empty("dw", (2, 8), torch.float32, "cpu", exact=True)
+    assert b.untyped_storage().nbytes() == 2 * 8 * 4 and w.nbytes() == 2 * 8 * 4  # the larger free one dropped
+    pb = b.data_ptr()
+    del b
+    c = w.empty("dw", (2, 8), torch.float32, "cpu", exact=True)
+    assert c.data_ptr() == pb  # reused
+    assert w.empty("dw", (2, 8), torch.float32, "cpu", exact=True).data_ptr() not in (pb,)  # c holds it
 
 
 def test_workspace_is_plain_allocation_off_cpu(monkeypatch):
@@ -282,8 +298,8 @@ def test_moe_chain_under_bf16_autocast_matches_fp32(poisoned, perm_backend, gemm
     """permute -> grouped SwiGLU -> combine under CPU bf16 autocast: fp32 gradients for fp32 leaves, close to fp32."""
     token_idx_R, gates_R, counts, row_TK = _moe_rows(T=8, L=4, seed=2)
     _, w, _, _ = _experts_case([1, 1, 1, 1], D=16, F=32, seed=3)
-    x = torch.randn(8, 16)
-    dy = torch.randn(8, 16)
+    g = torch.Generator().manual_seed(4)
+    x, dy = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)
 
     def run(autocast):
         wi = [t.clone().requires_grad_() for t in w]
@@ -298,7 +314,9 @@ def test_moe_chain_under_bf16_autocast_matches_fp32(poisoned, perm_backend, gemm
     ref, got = run(False), run(True)
     for a, b in zip(got, ref):
         assert a.dtype == torch.float32 and torch.isfinite(a).all()
-        torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2)
+        # bf16 rounding (eps 2^-8) per element: a norm-wise bound; elementwise bounds fail on the odd gate gradient,
+        # a sum of products that nearly cancels.
+        assert (a - b).norm() <= 3e-2 * b.norm(), ((a - b).norm() / b.norm()).item()
 
 
 

@@ -142,15 +142,22 @@ def test_state_estimate_matches_one_process_and_two_ranks(tmp_path, cache_dir, c
 def _saved_activation_bytes(cfg, bf16: bool = False) -> int:
     """Bytes autograd saves for backward during one forward of a micro-batch and its loss (the parameters
     themselves excluded, their bf16 casts included), plus the logits the training step holds."""
+    from moetrain.kernels import workspace
     from moetrain.model.transformer import TransformerLM
 
     model = TransformerLM(cfg.model, cfg.router, activation_checkpointing=cfg.trainer.activation_checkpointing)
     model.init_weights(0)
     tokens = torch.randint(0, cfg.model.vocab_size, (cfg.data.micro_batch_size, cfg.data.seq_len))
-    with SavedTensorBytes(model.parameters()) as saved, \
-            torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        logits = model(tokens)
-        F.cross_entropy(logits.flatten(0, 1), tokens.flatten())
+    # A fresh kernel workspace, as in a training process: buffers cached by earlier tests (other shapes) would be
+    # handed out oversized and counted here.
+    cached, workspace.WORKSPACE = workspace.WORKSPACE, workspace.Workspace()
+    try:
+        with SavedTensorBytes(model.parameters()) as saved, \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(tokens)
+            F.cross_entropy(logits.flatten(0, 1), tokens.flatten())
+    finally:
+        workspace.WORKSPACE = cached
     saved.add(logits)
     return saved.total
 

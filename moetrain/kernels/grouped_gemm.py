@@ -201,7 +201,9 @@ def _weight_grad(x_RD, dy_RF, counts: list[int], offs_E, impl: str, name: str = 
         return torch._grouped_mm(x_RD.t(), dy_RF, offs=offs_E)
     if impl == "triton":
         return _triton_weight_grad(x_RD, dy_RF, counts, offs_E)
-    dw_EDF = workspace.empty(name, (len(counts), x_RD.shape[1], dy_RF.shape[1]), dy_RF.dtype, dy_RF.device)
+    # exact: the gradient becomes the parameter's .grad and lives until the optimizer has stepped.
+    dw_EDF = workspace.empty(name, (len(counts), x_RD.shape[1], dy_RF.shape[1]), dy_RF.dtype, dy_RF.device,
+                             exact=True)
     start = 0
     for e, n in enumerate(counts):
         if n:

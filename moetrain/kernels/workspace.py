@@ -10,6 +10,9 @@ it already owns.
 
     empty(name, shape, dtype, device)  ->  a tensor of `shape` on a cached buffer of key (name, dtype, device) that
                                            nothing else references, grown (with 1/8 headroom) when too small
+    empty(..., exact=True)             ->  the same on a buffer of exactly n elements: for tensors that outlive the
+                                           backward (a weight gradient becomes `.grad` and is what the optimizer,
+                                           FSDP and the memory plan see), so no headroom or larger buffer rides along
 
 Safety rule: a buffer is handed out only when no tensor anywhere references its storage (the storage's use count
 says so): a tensor saved for backward, the next micro-batch's activations under gradient accumulation, a
@@ -44,7 +47,8 @@ class Workspace:
         self._buffers: dict[tuple, list[torch.UntypedStorage]] = {}
         self._lock = threading.Lock()
 
-    def empty(self, name: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    def empty(self, name: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device | str,
+              exact: bool = False) -> torch.Tensor:
         device = torch.device(device)
         if device.type != "cpu":
             return torch.empty(shape, dtype=dtype, device=device)
@@ -54,16 +58,16 @@ class Workspace:
         with self._lock:
             pool = self._buffers.setdefault(key, [])
             free = [s for s in pool if _use_count(s) == 1]  # the pool's own reference only
-            fits = [s for s in free if s.nbytes() >= nbytes]
+            fits = [s for s in free if (s.nbytes() == nbytes if exact else s.nbytes() >= nbytes)]
             if fits:
                 storage = min(fits, key=lambda s: s.nbytes())
             else:
-                for s in free:  # superseded by the larger buffer below
+                for s in free:  # superseded by the buffer below
                     pool.remove(s)
                 if len(pool) >= self.max_buffers:
                     return torch.empty(shape, dtype=dtype, device=device)
-                storage = torch.UntypedStorage(int(nbytes * (1 + self.headroom)) // itemsize * itemsize + itemsize,
-                                               device=device)
+                size = nbytes if exact else int(nbytes * (1 + self.headroom)) // itemsize * itemsize + itemsize
+                storage = torch.UntypedStorage(size, device=device)
                 pool.append(storage)
             return torch.empty(0, dtype=dtype, device=device).set_(storage, 0, tuple(shape))
 
@@ -81,6 +85,7 @@ class Workspace:
 WORKSPACE = Workspace()
 
 
-def empty(name: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+def empty(name: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device | str,
+          exact: bool = False) -> torch.Tensor:
     """WORKSPACE.empty: uninitialised memory for a large hot-path tensor, reused across steps on CPU."""
-    return WORKSPACE.empty(name, shape, dtype, device)
+    return WORKSPACE.empty(name, shape, dtype, device, exact)
