@@ -2,7 +2,8 @@
 
 Legend: W ranks of the expert group (ep under expert parallelism, the world under FSSDP), E experts, K routed experts
 per token, D model dim, F expert hidden, T tokens per rank, b payload bytes per element, n pipeline degree (chunks),
-c_E = T*K*p_E routed copies per expert sent by every rank.
+c_E = T*K*p_E routed copies per expert sent by every rank; the rows that travel are fewer (`unique_rows`: a token
+goes once to each rank and chunk holding any of its copies, as the dispatcher sends it).
 
 What is reused rather than re-derived:
   * placement: expert parallelism's `Placement.contiguous`; FSSDP's owners (contiguous, or `balanced_owners` of the
@@ -76,6 +77,26 @@ def routed_rows(counts_SE: torch.Tensor, placement: Placement, degree: int) -> t
     return rows_CSD, rows_DEC
 
 
+def unique_rows(copies_CSD: torch.Tensor, tokens: int, top_k: float, num_experts: int) -> torch.Tensor:
+    """Rows that travel for copies_CSD routed copies (the deduplicated all-to-all, parallel/dispatch/dedup.py: a
+    token goes once to each (rank, chunk) block holding any of its copies). With q = copies / (T K) the share of a
+    source's copies that land in the block, a token's K distinct experts miss the block with probability
+        P_miss = prod_{i < K} max(0, 1 - q E / (E - i))
+    (exact for equal expert loads: picking K of E experts without replacement, q E of them in the block; a fractional
+    K contributes its fraction of one more factor), and
+        rows = T (1 - P_miss).
+    q = 1 (every copy in one block) gives T rows; K = 1 gives the copies themselves."""
+    T, E = float(tokens), float(num_experts)
+    q = (copies_CSD / (T * top_k)).clamp(0.0, 1.0) if T * top_k > 0 else torch.zeros_like(copies_CSD)
+    whole = int(top_k)
+    miss = torch.ones_like(q)
+    for i in range(whole):
+        miss = miss * (1.0 - q * E / (E - i)).clamp(min=0.0)
+    if top_k > whole and whole < E:
+        miss = miss * (1.0 - (top_k - whole) * q * E / (E - whole)).clamp(min=0.0)
+    return T * (1.0 - miss)
+
+
 def chunk_schedule(wire_C: Sequence[float], compute_C: Sequence[float], host_C: Sequence[float], before: float,
                    gather: float) -> float:
     """Seconds from the first dispatch to the last combine of n chunks: dispatches 0..n-1 queued at once on the
@@ -146,6 +167,7 @@ def moe_layer(cluster: Cluster, world: int, num_experts: int, top_k: float, dim:
     n = max(1, min(degree, min(len(placement.materialized(w)) for w in range(W))))
     counts_SE = (T * top_k * load_E)[None].expand(W, E)
     rows_CSD, rows_DEC = routed_rows(counts_SE, placement, n)
+    sent_CSD = unique_rows(rows_CSD, T, top_k, E)  # what travels: one row per token and (rank, chunk) block
 
     # ---- compute per rank and chunk (forward), the slowest rank (or core sharing) per chunk
     rows_DC = rows_DEC.sum(1)
@@ -165,8 +187,8 @@ def moe_layer(cluster: Cluster, world: int, num_experts: int, top_k: float, dim:
         m.fill_diagonal_(0)
         return float(m.sum()) / cluster.host_copy_bandwidth
 
-    a2a_C = [all_to_all_time(rows_CSD[j] * D * b, cluster, hierarchical) for j in range(n)]
-    host_C = [min(host(rows_CSD[j] * D * b), a2a_C[j]) for j in range(n)]
+    a2a_C = [all_to_all_time(sent_CSD[j] * D * b, cluster, hierarchical) for j in range(n)]
+    host_C = [min(host(sent_CSD[j] * D * b), a2a_C[j]) for j in range(n)]
     wire_C = [a - h for a, h in zip(a2a_C, host_C)]
 
     # ---- FSSDP's spAG (forward) / spRS (backward): fp32 experts from owners to replica holders
@@ -203,7 +225,7 @@ def moe_layer(cluster: Cluster, world: int, num_experts: int, top_k: float, dim:
                     + reduce + regather)
 
     rows_W = rows_DC.sum(1)
-    off_rank = rows_CSD.sum(0).clone()
+    off_rank = sent_CSD.sum(0).clone()
     off_rank.fill_diagonal_(0)
     g = gather_SD.clone()
     return LayerPrediction(
