@@ -74,6 +74,38 @@ def test_grouped_experts_equal_per_expert_loop_including_empty_expert():
     assert all(torch.all(g[1] == 0) for g in grads)
 
 
+@pytest.mark.parametrize("chunks", [[slice(0, 2), slice(2, 5), slice(5, 6)], [slice(0, 0), slice(0, 6)],
+                                    [slice(0, 6)], [slice(3, 6), slice(0, 3)]])
+def test_chunk_weights_split_once_and_give_the_sliced_gradients(chunks):
+    """split_for_chunks: each chunk computes on its experts' weights; a partition in order is one split per weight
+    (one backward node that concatenates the chunks' gradients, no full-size zero-fill per chunk), and the gradients
+    equal slicing each chunk (the fallback for anything else)."""
+    torch.manual_seed(0)
+    ex = GroupedExperts(4, 6, list(range(6)))
+    ex.reset_parameters(0.3, 0.3, seed=0, layer_id=1)
+    counts = [torch.tensor([3, 0, 2, 1, 4, 2][s]) for s in chunks]
+    xs = [torch.randn(int(c.sum()), 4) for c in counts]
+
+    def run(per_chunk):
+        ex.zero_grad()
+        y = torch.cat([ex.compute(x, c, w) for x, c, w in zip(xs, counts, per_chunk)])
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        return y.detach(), [p.grad.clone() for p in ex.parameters()]
+
+    weights = (ex.w1_EDF, ex.w3_EDF, ex.w2_EFD)
+    split = ex.split_for_chunks(weights, chunks)
+    y, grads = run(split)
+    y_ref, grads_ref = run([tuple(w[s] for w in weights) for s in chunks])
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=0, atol=0)
+    in_order = [i for s in chunks for i in range(6)[s]] == list(range(6))
+    if len(chunks) == 1:
+        assert split[0][0] is ex.w1_EDF  # the weights as they are
+    elif in_order:
+        assert all(w[0].grad_fn.name().startswith("SplitWithSizes") for w in split)
+
+
 def test_expert_init_does_not_depend_on_split():
     full = GroupedExperts(8, 16, [0, 1, 2, 3])
     full.reset_parameters(0.02, 0.01, seed=3, layer_id=2)

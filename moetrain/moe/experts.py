@@ -44,6 +44,21 @@ class GroupedExperts(NoStepState, nn.Module):
         """The stacked weights of the experts this rank computes (here: its own), for the duration of a forward."""
         yield self.w1_EDF, self.w3_EDF, self.w2_EFD
 
+    @staticmethod
+    def split_for_chunks(weights, chunks: list[slice]) -> list[tuple]:
+        """The weights of each pipeline chunk (`chunks`: contiguous slices of the materialized experts, in order,
+        covering all of them): one `split` per weight, whose backward concatenates the chunks' gradients once,
+        instead of one slice per chunk, whose backward zero-fills a full-size gradient that autograd then adds up
+        (n zero-fills and n - 1 full-size additions per weight at degree n). One chunk: the weights as they are."""
+        L = weights[0].shape[0]
+        ranges = [range(L)[s] for s in chunks]
+        if len(ranges) == 1 and ranges[0] == range(L):
+            return [tuple(weights)]
+        if [i for r in ranges for i in r] != list(range(L)):  # not a partition in order: slice each
+            return [tuple(w[s] for w in weights) for s in chunks]
+        parts = [w.split([len(r) for r in ranges]) for w in weights]
+        return [tuple(p[c] for p in parts) for c in range(len(chunks))]
+
     def compute(self, x_RD: torch.Tensor, tokens_per_expert_L: torch.Tensor, weights, experts: slice = slice(None)):
         """The experts `experts` (a slice of the materialized ones) on rows grouped by expert. A slice covering all
         of them passes the weights as they are: slicing would add a SliceBackward that zero-fills and copies a

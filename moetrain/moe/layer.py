@@ -118,13 +118,15 @@ class MoELayer(nn.Module):
             shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
         counts = []
         with self.experts.materialize() as weights:
+            chunk_weights = self.experts.split_for_chunks(weights, d.chunk_experts(plan))
             for c in range(plan.num_chunks):  # compute chunk c while later chunks arrive and earlier ones return
-                x_c, tokens_c, experts_c = d.dispatch_postprocess(ex.arrival(in_flight, c), plan, c)
+                x_c, tokens_c, _ = d.dispatch_postprocess(ex.arrival(in_flight, c), plan, c)
+                w_c = chunk_weights[c]
                 if self.recompute_experts and torch.is_grad_enabled():
                     # The weights go in as tensors, so saved-tensor hooks (FSSDP re-materialization) see them.
-                    y_c = checkpoint(self._compute_experts, x_c, tokens_c, experts_c, *weights, use_reentrant=False)
+                    y_c = checkpoint(self._compute_experts, x_c, tokens_c, slice(None), *w_c, use_reentrant=False)
                 else:
-                    y_c = self.experts.compute(x_c, tokens_c, weights, experts_c)
+                    y_c = self.experts.compute(x_c, tokens_c, w_c)
                 ex.send_back(d.combine_preprocess(y_c, plan, c), c)
                 counts.append(tokens_c)
         y_RD = ex.gather()
