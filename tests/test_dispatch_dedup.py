@@ -5,9 +5,9 @@
 - layer: outputs and input / router (gate) / expert gradients equal the single-process reference on 2 and 4 gloo
   ranks, for a token whose copies all go to one rank (that rank sends one row per token, the other receives
   nothing), an expert nobody picks, top-k equal to the expert count, uneven splits with an empty rank, pipeline
-  degrees 2 and 4, FSSDP with replicas (and with chunks), capacity with dropping and with padding, and the Triton
-  permutation kernels (interpreter) fed by the dispatcher's inverse row maps; and the rows sent equal the distinct
-  (token, destination, chunk) triples of the kept copies.
+  degrees 2 and 4 with chunks split by tokens and by experts, FSSDP with replicas (and with chunks), capacity with
+  dropping and with padding, and the Triton permutation kernels (interpreter) fed by the dispatcher's inverse row
+  maps; and the rows sent equal the distinct (token, destination, chunk) triples of the kept copies.
 """
 
 import pytest
@@ -117,18 +117,19 @@ def test_expand_index_decodes_each_source_with_its_own_top_k():
 # --------------------------------------------------------------------------------------------------------- layer
 
 
-def make_layer(E, K, group=None, degree="1", fssdp=None, **router_kw):
+def make_layer(E, K, group=None, degree="1", fssdp=None, split="experts", **router_kw):
     torch.manual_seed(0)
     layer = build_moe_layer(D, F, E, 0, RouterConfig(top_k=K, **router_kw), layer_id=1, ep_group=group,
-                            fssdp=fssdp, pipeline_degree=degree)
+                            fssdp=fssdp, pipeline_degree=degree, pipeline_split=split)
     torch.manual_seed(1)
     layer.reset_parameters(0.3, 0.3, seed=0)
     return layer
 
 
-def _expected_rows(plan, topk_TK, rank, n):
-    """Distinct (token, destination, chunk) of the kept copies, from the placement's rule computed here."""
-    placement, K = plan.placement, topk_TK.shape[1]
+def _expected_rows(plan, topk_TK, rank, n, split):
+    """Distinct (token, destination, chunk) of the kept copies, from the placement's rule computed here; the chunk
+    is the token's range (split by tokens) or the expert's slot range on the destination (split by experts)."""
+    placement, (T, K) = plan.placement, topk_TK.shape
     # destination of the i-th copy of expert e (copies of e in token order): module docstring of alltoall.py
     triples, index_in_expert = set(), {}
     for c in sorted(plan.local.copy_idx_R.tolist(), key=lambda c: (int(topk_TK.flatten()[c]), c)):
@@ -140,20 +141,21 @@ def _expected_rows(plan, topk_TK, rank, n):
         index_in_expert[e] = i + 1
         dest = rank if rank in reps else reps[(i + rank) % len(reps)]
         slot = placement.materialized(dest).index(e)
-        triples.add((t, dest, chunk_of_slot(slot, n, len(placement.materialized(dest)))))
+        chunk = t * n // T if split == "tokens" else chunk_of_slot(slot, n, len(placement.materialized(dest)))
+        triples.add((t, dest, chunk))
     return len(triples)
 
 
-def dedup_body(rank, world, E, K, tokens_per_rank, bias, router_kw, degree, replicas, triton=False):
+def dedup_body(rank, world, E, K, tokens_per_rank, bias, router_kw, degree, replicas, triton=False, split="experts"):
     if triton:  # the gather-only Triton permutation kernels (interpreter on CPU) with the dispatcher's row maps
         import moetrain.kernels.permute as kernels
 
         kernels.resolve_backend = lambda backend, device: "triton"
     if replicas is None:
         ctx = build_groups(ParallelContext(ep=world))
-        layer = make_layer(E, K, ctx.ep_group, degree, **router_kw)
+        layer = make_layer(E, K, ctx.ep_group, degree, split=split, **router_kw)
     else:
-        layer = make_layer(E, K, dist.group.WORLD, degree, FSSDPConfig(budget=2), **router_kw)
+        layer = make_layer(E, K, dist.group.WORLD, degree, FSSDPConfig(budget=2), split, **router_kw)
         placement = Placement(tuple(tuple(r) for r in replicas), world)
         layer.experts.state.placement = placement
         layer.dispatcher.source.placement_for = lambda counts: placement  # this placement, whatever the policy
@@ -168,7 +170,7 @@ def dedup_body(rank, world, E, K, tokens_per_rank, bias, router_kw, degree, repl
     plan = plans[0]
     return dict(y=y, dx=dx, grads=grads, expert_ids=list(layer.experts.expert_ids),
                 rows_sent=sum(plan.rows_sent), copies_sent=sum(plan.send_splits),
-                expected_rows=_expected_rows(plan, routed.topk_idx_TK, rank, plan.num_chunks),
+                expected_rows=_expected_rows(plan, routed.topk_idx_TK, rank, plan.num_chunks, split),
                 received=record.tokens_per_local_expert_L.sum().item())
 
 
@@ -189,13 +191,16 @@ CASES = {
     "triton_kernels_capacity_pad": (2, 4, 2, [8, 8], None, {"capacity_factor": 1.0, "pad_to_capacity": True}, "1",
                                     None),
 }
+# Cases whose chunks split every rank's tokens instead of its experts (parallel.pipeline_split=tokens).
+CASES.update({f"{name}/tokens": CASES[name] for name in ("uneven_empty_rank_4ranks@2", "degree4", "capacity_pad@2",
+                                                          "fssdp_replicas_4ranks@2", "triton_kernels@2")})
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_dedup_layer_matches_single_process(case):
     world, E, K, tokens_per_rank, bias, router_kw, degree, replicas = CASES[case]
     results = run_distributed(dedup_body, world, E, K, tokens_per_rank, bias, router_kw, degree, replicas,
-                              case.startswith("triton"))
+                              case.startswith("triton"), "tokens" if case.endswith("/tokens") else "experts")
     ref = make_layer(E, K, **router_kw)
     x, dy = global_inputs(sum(tokens_per_rank), D)
     if router_kw.get("capacity_factor"):  # capacity is per source rank: the reference applies it per rank slice

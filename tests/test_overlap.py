@@ -16,19 +16,19 @@ D, F = 8, 16
 SHARED = ("shared_experts.w1.weight", "shared_experts.w2.weight", "shared_experts.w3.weight", "shared_gate.weight")
 
 
-def make_layer(E, K, group=None, degree="1", shared=True, recompute=False):
+def make_layer(E, K, group=None, degree="1", shared=True, recompute=False, split="experts"):
     torch.manual_seed(0)
     layer = build_moe_layer(D, F, E, 1 if shared else 0, RouterConfig(top_k=K), layer_id=1, ep_group=group,
-                            pipeline_degree=degree, shared_gate=shared)
+                            pipeline_degree=degree, shared_gate=shared, pipeline_split=split)
     torch.manual_seed(1)
     layer.reset_parameters(0.3, 0.3, seed=0)
     layer.recompute_experts = recompute
     return layer
 
 
-def _body(rank, world, E, K, tokens_per_rank, bias, degree, shared, recompute):
+def _body(rank, world, E, K, tokens_per_rank, bias, degree, shared, recompute, split):
     ctx = build_groups(ParallelContext(ep=world))
-    layer = make_layer(E, K, ctx.ep_group, degree, shared, recompute)
+    layer = make_layer(E, K, ctx.ep_group, degree, shared, recompute, split)
     assert layer.degree == int(degree)
     x, dy = global_inputs(sum(tokens_per_rank), D)
     start = sum(tokens_per_rank[:rank])
@@ -50,20 +50,24 @@ CASES = {
     "w4_d2_uneven_and_empty_rank": (4, 8, 2, [5, 1, 0, 6], None, "2", True, False),
     "w4_d2_recompute": (4, 8, 2, [4, 4, 4, 4], None, "2", True, True),
 }
+# The same schedule with chunks of tokens (parallel.pipeline_split=tokens) instead of chunks of experts.
+CASES.update({f"{name}/tokens": CASES[name] for name in ("w2_d4_recompute", "w2_d4_rank_receives_nothing",
+                                                          "w2_d4_one_empty_chunk", "w4_d2_uneven_and_empty_rank")})
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_scheduled_exchange_matches_single_process(case):
     world, E, K, tokens, bias, degree, shared, recompute = CASES[case]
-    results = run_distributed(_body, world, E, K, tokens, bias, degree, shared, recompute)
+    results = run_distributed(_body, world, E, K, tokens, bias, degree, shared, recompute,
+                              "tokens" if case.endswith("/tokens") else "experts")
     x, dy = global_inputs(sum(tokens), D)
     y_ref, dx_ref, grads, _, _ = run_layer(make_layer(E, K, shared=shared), x, dy, bias)
     assert_ranks_match_reference(results, y_ref, dx_ref, grads)
     for name in SHARED if shared else ():  # dense, data parallel over the ranks: the sum is the reference
         torch.testing.assert_close(sum(r["grads"][name] for r in results), grads[name], rtol=1e-5, atol=1e-6)
-    if case == "w2_d4_rank_receives_nothing":
+    if case.startswith("w2_d4_rank_receives_nothing"):
         assert results[1]["received"] == [0] * 4 and sum(results[0]["received"]) == 10
-    if case == "w2_d4_one_empty_chunk":
+    if case.startswith("w2_d4_one_empty_chunk"):
         assert results[0]["received"][1] == 0 and min(results[0]["received"][i] for i in (0, 2, 3)) > 0
 
 

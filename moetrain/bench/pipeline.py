@@ -5,7 +5,9 @@ with compute alone and communication alone, every variant alternated iteration b
 
 Variants (forced-balanced routing, so every degree and both estimates see the same loads):
 
-  degree n       build_moe_layer(pipeline_degree=n), n in 1, 2, 4, 8 up to the local experts L = E/W
+  degree n       build_moe_layer(pipeline_degree=n), n in 1, 2, 4, 8 up to the local experts L = E/W (chunks split
+                 by experts, the default)
+  tokens n       the same with pipeline_split=tokens, n in 2, 4, 8 (degree 1 is the same layer either way)
   auto           pipeline_degree=auto, warmed through its trial phase first exactly as training does it (one
                  forward+backward per step, then layer.after_step), then timed like the fixed degrees
   compute alone  the layer's expert work without communication: a local layer (no group) with L experts, same T and
@@ -53,6 +55,7 @@ class PipelineBenchConfig:
     device: str = "cpu"
     network: str = "plain loopback"  # or the netns rate, e.g. "2gbit"
     estimates: bool = True  # compute alone and comm alone
+    token_split: bool = True  # also time chunks split by tokens ("tokens n")
 
     def validate(self) -> None:
         if self.world < 2:
@@ -67,18 +70,23 @@ class PipelineBenchConfig:
         return [d for d in DEGREES if d <= self.experts // self.world]
 
     @property
+    def token_split_degrees(self) -> list[int]:
+        return [d for d in DEGREES if d > 1] if self.token_split else []
+
+    @property
     def label(self) -> str:
         return f"E={self.experts} K={self.top_k} F={self.hidden} D={self.dim} T={self.tokens}, {self.network}"
 
 
-def _layer(cfg: PipelineBenchConfig, env: RankEnv, degree: str, experts: int = 0, hidden: int = 0, local=False):
+def _layer(cfg: PipelineBenchConfig, env: RankEnv, degree: str, experts: int = 0, hidden: int = 0, local=False,
+           split: str = "experts"):
     from moetrain.config.schema import RouterConfig
     from moetrain.parallel.moe_layer import build_moe_layer
 
     torch.manual_seed(0)
     layer = build_moe_layer(cfg.dim, hidden or cfg.hidden, experts or cfg.experts, 0,
                             RouterConfig(top_k=cfg.top_k, force_balanced=True), layer_id=1,
-                            ep_group=None if local else env.group, pipeline_degree=degree)
+                            ep_group=None if local else env.group, pipeline_degree=degree, pipeline_split=split)
     layer.reset_parameters(0.02, 0.02, seed=0)
     return layer.to(env.device)
 
@@ -99,6 +107,7 @@ def rank_body(rank: int, world: int, cfg: PipelineBenchConfig) -> dict:
         return step
 
     steps = {f"degree {d}": fwd_bwd(_layer(cfg, env, str(d))) for d in cfg.degrees}
+    steps.update({f"tokens {d}": fwd_bwd(_layer(cfg, env, str(d), split="tokens")) for d in cfg.token_split_degrees})
     auto = _layer(cfg, env, "auto")
     tuner = auto.dispatcher.tuner
     trial_steps = 0
@@ -120,12 +129,17 @@ def rank_body(rank: int, world: int, cfg: PipelineBenchConfig) -> dict:
 
 def analyse_pipeline(times: dict, auto_degree: int) -> dict:
     fixed = [n for n in times if n.startswith("degree ")]
-    out = analyse(times, [(n, "degree 1") for n in fixed[1:]] + [("auto", "degree 1")])
+    by_tokens = [n for n in times if n.startswith("tokens ")]
+    out = analyse(times, [(n, "degree 1") for n in fixed[1:] + by_tokens] + [("auto", "degree 1")])
     best = min(fixed, key=lambda n: out["variants"][n]["median"])
     out["best_fixed"] = best
     out["auto_degree"] = auto_degree
     # Slow-downs (time ratios, lower is better), per iteration.
     out["ratios"]["auto time / best fixed time"] = stats.ratio_summary(times["auto"], times[best])
+    if by_tokens:
+        best_t = min(by_tokens, key=lambda n: out["variants"][n]["median"])
+        out["best_token_split"] = best_t
+        out["ratios"]["best token-split time / best fixed time"] = stats.ratio_summary(times[best_t], times[best])
     if "compute alone" in times:
         bound = [[max(a, b) for a, b in zip(ra, rb)] for ra, rb in zip(times["compute alone"], times["comm alone"])]
         out["ratios"]["best fixed time / max(compute alone, comm alone)"] = stats.ratio_summary(times[best], bound)
@@ -148,7 +162,8 @@ def to_argv(cfg: PipelineBenchConfig) -> list[str]:
     return ["--experts", str(cfg.experts), "--top-k", str(cfg.top_k), "--hidden", str(cfg.hidden), "--dim",
             str(cfg.dim), "--tokens", str(cfg.tokens), "--world", str(cfg.world), "--reps", str(p.reps), "--iters",
             str(p.iters), "--warmup", str(p.warmup), "--device", cfg.device] + ([] if cfg.estimates else
-                                                                                   ["--no-estimates"])
+                                                                                   ["--no-estimates"]) \
+        + ([] if cfg.token_split else ["--no-token-split"])
 
 
 def run_rate_limited(cfg: PipelineBenchConfig, rate: str) -> dict:
@@ -195,12 +210,14 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--no-estimates", action="store_true", help="skip compute alone and comm alone")
+    p.add_argument("--no-token-split", action="store_true", help="skip the chunks split by tokens")
     p.add_argument("--netns-rate", default=None, help="e.g. 2gbit: run inside a rate-limited network namespace (root)")
     p.add_argument("--network", default="plain loopback", help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help="write the result as JSON here")
     a = p.parse_args(argv)
     cfg = PipelineBenchConfig(a.experts, a.top_k, a.hidden, a.dim, a.tokens, a.world,
-                              Plan(a.reps, a.iters, a.warmup), a.device, a.network, not a.no_estimates)
+                              Plan(a.reps, a.iters, a.warmup), a.device, a.network, not a.no_estimates,
+                              not a.no_token_split)
     try:
         cfg.validate()
     except ValueError as e:

@@ -64,21 +64,28 @@ def moe_tables(results: list[dict]) -> list[str]:
 
 def pipeline_tables(results: list[dict]) -> list[str]:
     out = ["| shape, network | degree 1 ms | best fixed | best ms | best vs degree 1 | auto (chosen) | "
-           "auto time / best time | compute alone ms | comm alone ms | best time / max(compute, comm) |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "auto time / best time | compute alone ms | comm alone ms | best time / max(compute, comm) | "
+           "best token-split degree: time / best time |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         v, q, best = r["variants"], r["ratios"], r["best_fixed"]
         speed = "1.00" if best == "degree 1" else _ratio(q.get(f"{best} / degree 1"))
+        best_t = r.get("best_token_split")
+        by_tokens = "-" if best_t is None else \
+            f"{best_t.split()[-1]}: {_ratio(q.get('best token-split time / best fixed time'))}"
         out.append(f"| {r['label']} | {_ms(v['degree 1'])} | {best.split()[-1]} | {_ms(v[best])} | {speed} | "
                    f"{r['auto_degree']} | {_ratio(q.get('auto time / best fixed time'))} | "
                    f"{_ms(v.get('compute alone'))} | {_ms(v.get('comm alone'))} | "
-                   f"{_ratio(q.get('best fixed time / max(compute alone, comm alone)'))} |")
-    out += ["", "Every degree, ms (median [IQR]):", "",
-            "| shape, network | " + " | ".join(f"degree {d}" for d in (1, 2, 4, 8)) + " | auto | 1-min load before / after |",
-            "|---|---|---|---|---|---|---|"]
+                   f"{_ratio(q.get('best fixed time / max(compute alone, comm alone)'))} | {by_tokens} |")
+    out += ["", "Every degree, ms (median [IQR]); `degree n`: chunks split by experts (the default), `tokens n`: by "
+            "tokens:", "",
+            "| shape, network | " + " | ".join(f"degree {d}" for d in (1, 2, 4, 8))
+            + " | " + " | ".join(f"tokens {d}" for d in (2, 4, 8)) + " | auto | 1-min load before / after |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         v = r["variants"]
         out.append(f"| {r['label']} | " + " | ".join(_ms(v.get(f"degree {d}")) for d in (1, 2, 4, 8))
+                   + " | " + " | ".join(_ms(v.get(f"tokens {d}")) for d in (2, 4, 8))
                    + f" | {_ms(v['auto'])} | {_load(r)} |")
     return out
 

@@ -115,6 +115,7 @@ class ParallelConfig:
     mixed_precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 (fp32 master weights and
     #                                optimizer state, bf16 compute, fp32 gradient reduction)
     pipeline_degree: str = "1"  # auto | 1 | 2 | 4 | 8 (chunks for comm/compute overlap)
+    pipeline_split: str = "experts"  # experts | tokens: a chunk is a range of a rank's experts, or of its tokens
     backend: str = "auto"  # auto (nccl on cuda, gloo on cpu) | gloo | nccl
     timeout_s: float = 180.0  # a collective waiting longer than this ends the job, naming the rank that stopped
     fssdp: FSSDPConfig = field(default_factory=FSSDPConfig)  # mode=fssdp: experts sharded over all ranks

@@ -49,11 +49,12 @@ class GroupedExperts(NoStepState, nn.Module):
         """The weights of each pipeline chunk (`chunks`: contiguous slices of the materialized experts, in order,
         covering all of them): one `split` per weight, whose backward concatenates the chunks' gradients once,
         instead of one slice per chunk, whose backward zero-fills a full-size gradient that autograd then adds up
-        (n zero-fills and n - 1 full-size additions per weight at degree n). One chunk: the weights as they are."""
+        (n zero-fills and n - 1 full-size additions per weight at degree n). A chunk of all experts (one chunk, or
+        chunks split by tokens): the weights as they are."""
         L = weights[0].shape[0]
         ranges = [range(L)[s] for s in chunks]
-        if len(ranges) == 1 and ranges[0] == range(L):
-            return [tuple(weights)]
+        if all(r == range(L) for r in ranges):  # one chunk, or chunks of tokens: every chunk uses every expert
+            return [tuple(weights)] * len(ranges)
         if [i for r in ranges for i in r] != list(range(L)):  # not a partition in order: slice each
             return [tuple(w[s] for w in weights) for s in chunks]
         parts = [w.split([len(r) for r in ranges]) for w in weights]

@@ -118,7 +118,9 @@ class MoELayer(nn.Module):
             shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
         counts = []
         with self.experts.materialize() as weights:
-            chunk_weights = self.experts.split_for_chunks(weights, d.chunk_experts(plan))
+            chunk_experts = d.chunk_experts(plan)
+            chunk_weights = self.experts.split_for_chunks(weights, chunk_experts)
+            num_materialized = weights[0].shape[0]
             for c in range(plan.num_chunks):  # compute chunk c while later chunks arrive and earlier ones return
                 x_c, tokens_c, _ = d.dispatch_postprocess(ex.arrival(in_flight, c), plan, c)
                 w_c = chunk_weights[c]
@@ -137,7 +139,12 @@ class MoELayer(nn.Module):
             y_TD = y_TD + shared_TD
         if routed.local_out_TD is not None:  # the router's virtual experts, computed on this rank
             y_TD = y_TD + routed.local_out_TD.to(y_TD.dtype)
-        tokens_per_local_expert_L = counts[0] if len(counts) == 1 else torch.cat(counts)
+        if len(counts) == 1:
+            tokens_per_local_expert_L = counts[0]
+        else:  # each chunk counted its slice of the experts (all of them when chunks split the tokens)
+            tokens_per_local_expert_L = counts[0].new_zeros(num_materialized)
+            for experts_c, tokens_c in zip(chunk_experts, counts):
+                tokens_per_local_expert_L[experts_c] += tokens_c
 
         y_BSD = y_TD.view(B, S, D)
         if not return_record:

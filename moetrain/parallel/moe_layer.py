@@ -25,7 +25,7 @@ def build_moe_layer(dim: int, hidden: int, num_experts: int, num_shared: int, ro
                     layer_id: int, ep_group: Optional[dist.ProcessGroup] = None,
                     dp_group: Optional[dist.ProcessGroup] = None, backend: str = "auto",
                     fssdp: Optional[FSSDPConfig] = None, pipeline_degree: str = "1", shared_hidden: int = 0,
-                    shared_gate: bool = False) -> MoELayer:
+                    shared_gate: bool = False, pipeline_split: str = "experts") -> MoELayer:
     """The MoE layer of the layout given by `ep_group` (experts spread over it) and `fssdp` (sharded instead);
     `shared_hidden`, `shared_gate`: the shared experts' size and gate (MoELayer)."""
     capacity, pad = router_cfg.capacity_factor, router_cfg.pad_to_capacity
@@ -39,23 +39,25 @@ def build_moe_layer(dim: int, hidden: int, num_experts: int, num_shared: int, ro
 
         state = FSSDPLayerState(num_experts, ep_group, fssdp)
         dispatcher = AllToAllDispatcher(num_experts, ep_group, capacity, pad, placement_source=state,
-                                        pipeline_degree=pipeline_degree)
+                                        pipeline_degree=pipeline_degree, pipeline_split=pipeline_split)
         experts = ShardedExperts(dim, hidden, state, backend, fssdp.rematerialize)
     else:
-        dispatcher = AllToAllDispatcher(num_experts, ep_group, capacity, pad, pipeline_degree=pipeline_degree)
+        dispatcher = AllToAllDispatcher(num_experts, ep_group, capacity, pad, pipeline_degree=pipeline_degree,
+                                        pipeline_split=pipeline_split)
         L, ep_rank = dispatcher.num_local_experts, dist.get_rank(ep_group)
         experts = GroupedExperts(dim, hidden, list(range(ep_rank * L, (ep_rank + 1) * L)), backend)
     return MoELayer(dim, hidden, num_experts, num_shared, router_cfg, layer_id, dispatcher, experts, dp_group, backend,
                     **shared)
 
 
-def moe_layer_factory(router_cfg: RouterConfig, ep_group=None, dp_group=None, fssdp=None, pipeline_degree="1"):
+def moe_layer_factory(router_cfg: RouterConfig, ep_group=None, dp_group=None, fssdp=None, pipeline_degree="1",
+                      pipeline_split="experts"):
     """`TransformerLM`'s `moe_layer` argument for this layout: (dim, hidden, E, shared, layer_id, shared_hidden=0,
     shared_gate=False) -> MoELayer."""
     def make(dim: int, hidden: int, num_experts: int, num_shared: int, layer_id: int, shared_hidden: int = 0,
              shared_gate: bool = False) -> MoELayer:
         return build_moe_layer(dim, hidden, num_experts, num_shared, router_cfg, layer_id, ep_group, dp_group,
                                fssdp=fssdp, pipeline_degree=pipeline_degree, shared_hidden=shared_hidden,
-                               shared_gate=shared_gate)
+                               shared_gate=shared_gate, pipeline_split=pipeline_split)
 
     return make

@@ -149,11 +149,14 @@ def moe_layer(cluster: Cluster, world: int, num_experts: int, top_k: float, dim:
               load_E: torch.Tensor, mode: str = "ep", degree: int = 1, budget: int = 0, rematerialize: bool = False,
               reshard: bool = False, shared_hidden: int = 0, payload_bytes: Optional[int] = None,
               hierarchical: bool = False, sharing_ranks: Optional[int] = None,
-              backward_overlap: bool = True, prefetch_gather: bool = False) -> LayerPrediction:
+              backward_overlap: bool = True, prefetch_gather: bool = False, split: str = "experts") -> LayerPrediction:
     """Predict one MoE layer (module docstring). `load_E`: the share of copies per expert (sums to 1); `world`: the
     expert group's size; `sharing_ranks`: ranks sharing the CPU's cores (default `world`); `backward_overlap`:
     False waits for every reverse all-to-all in turn (a pessimistic bound); `prefetch_gather`: hide spAG / spRS
-    behind the neighbouring layers' compute (approximated by this layer's), as Hecate does and moetrain does not."""
+    behind the neighbouring layers' compute (approximated by this layer's), as Hecate does and moetrain does not.
+    `split`: parallel.pipeline_split; "tokens": chunk j carries 1/n of every block's copies and rows (every expert
+    computes in every chunk), "experts": chunk j the experts of its slot range with all their rows (the degree is
+    capped at the experts a rank computes)."""
     W, E, D, F, T = world, num_experts, dim, hidden, tokens
     b = payload_bytes or cluster.dtype_bytes
     cores = cluster.cores
@@ -164,10 +167,16 @@ def moe_layer(cluster: Cluster, world: int, num_experts: int, top_k: float, dim:
         placement = fssdp_placement((load_E * T * top_k * W).tolist(), W, budget, reshard)
     else:
         placement = Placement.contiguous(E, W)
-    n = max(1, min(degree, min(len(placement.materialized(w)) for w in range(W))))
     counts_SE = (T * top_k * load_E)[None].expand(W, E)
-    rows_CSD, rows_DEC = routed_rows(counts_SE, placement, n)
-    sent_CSD = unique_rows(rows_CSD, T, top_k, E)  # what travels: one row per token and (rank, chunk) block
+    if split == "tokens":  # every chunk: 1/n of the tokens, all experts
+        n = max(1, degree)
+        rows_CSD, rows_DEC = routed_rows(counts_SE, placement, 1)
+        sent_CSD = (unique_rows(rows_CSD, T, top_k, E) / n).expand(n, W, W)
+        rows_CSD, rows_DEC = (rows_CSD / n).expand(n, W, W), (rows_DEC / n).expand(W, E, n)
+    else:
+        n = max(1, min(degree, min(len(placement.materialized(w)) for w in range(W))))
+        rows_CSD, rows_DEC = routed_rows(counts_SE, placement, n)
+        sent_CSD = unique_rows(rows_CSD, T, top_k, E)  # what travels: one row per token and (rank, chunk) block
 
     # ---- compute per rank and chunk (forward), the slowest rank (or core sharing) per chunk
     rows_DC = rows_DEC.sum(1)
@@ -175,7 +184,8 @@ def moe_layer(cluster: Cluster, world: int, num_experts: int, top_k: float, dim:
     for d in range(W):
         mine = placement.materialized(d)
         for j in range(n):
-            in_chunk = sum(1 for s, _ in enumerate(mine) if int(chunk_of_slot(s, n, len(mine))) == j)
+            in_chunk = len(mine) if split == "tokens" else \
+                sum(1 for s, _ in enumerate(mine) if int(chunk_of_slot(s, n, len(mine))) == j)
             experts_DC[d, j] = experts_time(float(rows_DC[d, j]), max(in_chunk, 1), D, F, cluster)
     x_C = [shared_makespan(experts_DC[:, j].tolist(), cores) for j in range(n)]
 

@@ -158,7 +158,8 @@ def simulate(cfg: TrainConfig, world: int, cluster: Cluster, routing: RoutingLoa
                                         degree=degree, budget=par.fssdp.budget,
                                         rematerialize=par.fssdp.rematerialize, reshard=par.fssdp.reshard_every > 0,
                                         shared_hidden=blk["shared"], payload_bytes=b, hierarchical=hierarchical,
-                                        sharing_ranks=world, prefetch_gather=prefetch_gather)
+                                        sharing_ranks=world, prefetch_gather=prefetch_gather,
+                                        split=par.pipeline_split)
             moe.append(layers[key])
             moe_index += 1
         else:

@@ -72,7 +72,8 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(run_config_yaml(cfg))
 
         fssdp = cfg.parallel.fssdp if cfg.parallel.mode == "fssdp" else None
-        moe_layer = moe_layer_factory(cfg.router, ctx.ep_group, ctx.world_group, fssdp, cfg.parallel.pipeline_degree)
+        moe_layer = moe_layer_factory(cfg.router, ctx.ep_group, ctx.world_group, fssdp, cfg.parallel.pipeline_degree,
+                                      cfg.parallel.pipeline_split)
         self.model = TransformerLM(cfg.model, cfg.router, moe_layer, tc.activation_checkpointing).to(ctx.device)
         self.model.init_weights(tc.seed)
         self.fsdp = cfg.parallel.data_parallel == "fsdp" and ctx.is_distributed

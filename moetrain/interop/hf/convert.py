@@ -88,7 +88,8 @@ def build_model(cfg: TrainConfig, ctx=None) -> torch.nn.Module:
     if ctx is None or not ctx.is_distributed:
         return TransformerLM(cfg.model, cfg.router)
     fssdp = cfg.parallel.fssdp if cfg.parallel.mode == "fssdp" else None
-    factory = moe_layer_factory(cfg.router, ctx.ep_group, ctx.world_group, fssdp, cfg.parallel.pipeline_degree)
+    factory = moe_layer_factory(cfg.router, ctx.ep_group, ctx.world_group, fssdp, cfg.parallel.pipeline_degree,
+                                cfg.parallel.pipeline_split)
     return TransformerLM(cfg.model, cfg.router, factory)
 
 

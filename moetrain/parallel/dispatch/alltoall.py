@@ -10,11 +10,11 @@ Where experts live is a `Placement` (parallel/dispatch/placement.py): expert par
 Destination of a routed copy of expert e sent from rank s (Hecate's rule):
     s itself if s materializes e, else replicas(e)[(i + s) mod r_e]     (i = index of the copy among e's copies)
 so the tokens of a replicated expert spread evenly over its replicas. Copies are ordered (destination, chunk, expert)
-(chunk of an expert: its slot range on the destination, see `plan`), then
-    counts_WE = all_to_all(send_counts_WE)             # copies each source sends me, per expert
-    unique_WN = all_to_all(send_unique_WN)             # unique rows each source sends me, per chunk
-    tokens_per_local_expert_M = counts_WE[:, materialized].sum(0)
-(one all-to-all of the two tables, the only host synchronisation). Per step and layer, three tensors travel:
+(chunk of a copy: its token's range, or its expert's slot range on the destination; see `plan`), then
+    counts_WNE = all_to_all(send_counts_WNE)           # copies each source sends me, per chunk and expert
+    unique_WN  = all_to_all(send_unique_WN)            # unique rows each source sends me, per chunk
+    tokens_per_local_expert_NM = counts_WNE[:, :, materialized].sum(0)
+(one all-to-all of the tables, the only host synchronisation). Per step and layer, three tensors travel:
     x_UD       = x_TD[token_U]         rows, bf16 under autocast; one all-to-all per chunk, and back (y_UD)
     meta_R     (int32) and gates_R (fp32, autograd)   per copy, one all-to-all each for all chunks
 with U <= R: a token whose K copies go to one rank travels once instead of K times (dedup.py has the formulas).
@@ -44,8 +44,8 @@ from torch.distributed._functional_collectives import all_to_all_single, all_to_
 from moetrain.kernels import permute as kernels
 from moetrain.moe.plan import RoutingPlan, build_plan, sum_unique_rows
 from moetrain.parallel.dispatch.dedup import expand_index, send_rows, unique_rows
-from moetrain.parallel.pipeline import (DegreeTuner, RegionTiming, chunk_of_slot, chunk_slot_range, clock_start,
-                                        mark_region_input, mark_region_output)
+from moetrain.parallel.pipeline import (CANDIDATES, DegreeTuner, RegionTiming, chunk_of_slot, chunk_slot_range,
+                                        clock_start, mark_region_input, mark_region_output)
 from moetrain.parallel.dispatch.placement import Placement
 
 
@@ -68,14 +68,15 @@ class StaticPlacement:
 
 @dataclass
 class ChunkPlan:
-    """One pipeline chunk: a contiguous range of every destination's local experts, whose unique rows travel as one
-    all-to-all."""
+    """One pipeline chunk (a range of this rank's tokens, or of every destination's local experts) whose unique rows
+    travel as one all-to-all."""
 
     rows: slice  # this chunk's unique rows in the send buffer x_UD
     send_splits: list[int]  # unique rows sent to each rank
     recv_splits: list[int]  # unique rows arriving from each rank
     copies: slice  # this chunk's copies among the C copies computed here, (expert, source) order
-    experts: slice  # this chunk's slice of the experts computed here (materialized, in id order)
+    experts: slice  # this chunk's slice of the experts computed here (materialized, in id order; all of them when
+    #                 split by tokens)
     tokens_per_local_expert_L: torch.Tensor  # rows per expert of that slice
 
 
@@ -180,10 +181,17 @@ def assign_destinations(expert_R: torch.Tensor, counts_E: torch.Tensor, tab: _Pl
 
 class AllToAllDispatcher:
     def __init__(self, num_experts: int, group: dist.ProcessGroup, capacity_factor=None, pad_to_capacity=False,
-                 placement_source: Optional[PlacementSource] = None, pipeline_degree: str = "1"):
+                 placement_source: Optional[PlacementSource] = None, pipeline_degree: str = "1",
+                 pipeline_split: str = "experts"):
         """pipeline_degree: chunks of the all-to-all ("1", "2", "4", "8"), or "auto" for a DegreeTuner that times
         the training micro-batches (forward + backward, dispatch to combine) and picks the fastest
-        (parallel/pipeline.py)."""
+        (parallel/pipeline.py). pipeline_split: what a chunk is, "tokens" (a contiguous range of this rank's tokens,
+        all experts: every token still travels once per rank) or "experts" (a contiguous range of every
+        destination's experts, all tokens: one GEMM per expert, but a token whose copies fall in two chunks of a
+        rank travels twice); see `plan`."""
+        if pipeline_split not in ("tokens", "experts"):
+            raise ValueError(f"pipeline_split={pipeline_split!r}: expected 'tokens' or 'experts'")
+        self.pipeline_split = pipeline_split
         self.group = group
         self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
         if num_experts % self.world:
@@ -192,7 +200,8 @@ class AllToAllDispatcher:
         self.source = placement_source or StaticPlacement(Placement.contiguous(num_experts, self.world))
         self.capacity_factor, self.pad_to_capacity = capacity_factor, pad_to_capacity
         self._tables: tuple[Optional[Placement], Optional[_PlacementTables]] = (None, None)
-        self.tuner = DegreeTuner(self.num_local_experts, group) if pipeline_degree == "auto" else None
+        max_degree = self.num_local_experts if pipeline_split == "experts" else max(CANDIDATES)
+        self.tuner = DegreeTuner(max_degree, group) if pipeline_degree == "auto" else None
         self._fixed_degree = 1 if pipeline_degree == "auto" else int(pipeline_degree)
         self._timings: list[RegionTiming] = []  # this step's timed micro-batches (forward, then backward)
         self._location: tuple[Optional[list[int]], Optional[torch.Tensor]] = (None, None)  # (owners, location_E)
@@ -252,10 +261,13 @@ class AllToAllDispatcher:
     def plan(self, topk_idx_TK: torch.Tensor, gates_TK: torch.Tensor, num_chunks: Optional[int] = None,
              keep_TK: Optional[torch.Tensor] = None) -> AllToAllPlan:
         """Route, assign destinations, find the unique rows, exchange counts, and start the metadata and gates
-        all-to-alls. With num_chunks n > 1 (default: `degree`) every destination's experts are split into n
-        contiguous slot ranges (chunk of slot s among M experts: s * n // M), copies are ordered (destination, chunk,
-        expert), unique rows (chunk, destination, expert of the token's first copy there, token), and each chunk's
-        rows travel as their own all-to-all (see parallel/pipeline.py).
+        all-to-alls. With num_chunks n > 1 (default: `degree`) the copies are split into n chunks, each travelling as
+        its own all-to-all (see parallel/pipeline.py):
+            split "tokens":   chunk of a copy of token t = t * n // T      (every chunk: all experts, 1/n of the rows)
+            split "experts":  chunk of a copy of expert e on rank d = slot of e on d * n // M_d   (contiguous ranges)
+        Copies are ordered (destination, chunk, expert, token), unique rows (chunk, destination, expert of the
+        token's first copy there, token); the counts exchanged are per (destination, chunk, expert), so the
+        destination orders its arrivals (chunk, expert, source) and each chunk's copies are contiguous.
         For the tuner, a training micro-batch is timed from here to the end of `combine_postprocess` (forward) and
         from the gradient reaching the combine output to the end of the backward of `dispatch_preprocess` (backward;
         identity autograd markers on the region's input and output). A forward recomputed inside backward
@@ -264,7 +276,8 @@ class AllToAllDispatcher:
                  and torch._C._current_graph_task_id() == -1)  # -1: not inside a backward pass
         timing = RegionTiming(clock_start(topk_idx_TK.device), topk_idx_TK.shape[0]) if timed else None
         n = self.degree if num_chunks is None else num_chunks
-        E, W = self.num_experts, self.world
+        E, W, T = self.num_experts, self.world, topk_idx_TK.shape[0]
+        by_tokens = self.pipeline_split == "tokens"
         local = build_plan(topk_idx_TK, gates_TK, E, self.capacity_factor, self.pad_to_capacity, keep_TK)
         placement = self.source.placement_for(local.tokens_per_expert_E)
         tab = self._tables_for(placement, topk_idx_TK.device)
@@ -272,48 +285,55 @@ class AllToAllDispatcher:
         expert_R = torch.repeat_interleave(torch.arange(E, device=counts_E.device), counts_E,
                                            output_size=local.num_rows)
         dest_R = assign_destinations(expert_R, counts_E, tab, self.rank)
-        chunk_WE = torch.where(tab.slot_WE >= 0,
-                               chunk_of_slot(tab.slot_WE, n, tab.num_materialized_W.clamp(min=1)[:, None]),
-                               torch.zeros_like(tab.slot_WE))
-        block_R = dest_R * n + chunk_WE[dest_R, expert_R]
-        if not tab.contiguous:  # contiguous placement: expert order already is (destination, chunk, expert) order
+        if by_tokens:  # padding rows (token T) join the last chunk
+            chunk_R = (local.token_idx_R * n // max(T, 1)).clamp(max=n - 1)
+        else:
+            chunk_WE = torch.where(tab.slot_WE >= 0,
+                                   chunk_of_slot(tab.slot_WE, n, tab.num_materialized_W.clamp(min=1)[:, None]),
+                                   torch.zeros_like(tab.slot_WE))
+            chunk_R = chunk_WE[dest_R, expert_R]
+        block_R = dest_R * n + chunk_R
+        if n > 1 and by_tokens or not tab.contiguous:
+            # Rows come sorted by (expert, token): a contiguous placement split by experts already is in
+            # (destination, chunk, expert) order; otherwise sort (stable: tokens stay in order within an expert).
             order_R = torch.argsort(block_R * E + expert_R, stable=True)
             local = local.reordered(order_R)
             dest_R, expert_R, block_R = dest_R[order_R], expert_R[order_R], block_R[order_R]
         rows = unique_rows(local.copy_idx_R, block_R, expert_R, local.num_tokens, local.top_k, W * n)
-        # Per destination rank: copies per expert | unique rows per chunk | this rank's copy width K (it sets the
-        # metadata's stride, and routers such as expert choice give each rank its own K).
-        send_counts_WX = torch.cat([torch.bincount(dest_R * E + expert_R, minlength=W * E).view(W, E),
+        # Per destination rank: copies per (chunk, expert) | unique rows per chunk | this rank's copy width K (it
+        # sets the metadata's stride, and routers such as expert choice give each rank its own K).
+        NE = n * E
+        send_counts_WX = torch.cat([torch.bincount(block_R * E + expert_R, minlength=W * NE).view(W, NE),
                                     rows.unique_B.view(W, n), counts_E.new_full((W, 1), local.top_k)], 1)
         recv_counts_WX = torch.empty_like(send_counts_WX)
         dist.all_to_all_single(recv_counts_WX, send_counts_WX, group=self.group)
         send_h, recv_h = torch.stack([send_counts_WX, recv_counts_WX]).cpu()  # the splits are host ints
-        copy_send_splits, copy_recv_splits = send_h[:, :E].sum(1).tolist(), recv_h[:, :E].sum(1).tolist()
+        copy_send_splits, copy_recv_splits = send_h[:, :NE].sum(1).tolist(), recv_h[:, :NE].sum(1).tolist()
         triton = kernels.resolve_backend("auto", topk_idx_TK.device) == "triton"
-        num_unique = int(send_h[:, E:E + n].sum())
+        num_unique = int(send_h[:, NE:NE + n].sum())
         token_U, row_TK = send_rows(rows, local.token_idx_R, local.copy_idx_R, block_R, n, num_unique,
                                     local.num_tokens, local.top_k, triton)
         # Per-copy metadata and gates travel now, for all chunks, while the rows get permuted and sent.
         meta_in = all_to_all_single(rows.meta_R.to(torch.int32), copy_recv_splits, copy_send_splits, self.group)
         gates_in = all_to_all_single_autograd(local.gates_R, copy_recv_splits, copy_send_splits, self.group)
 
-        recv_counts_WM = recv_counts_WX[:, :E].index_select(1, tab.materialized)
-        M = recv_counts_WM.shape[1]
-        recv_copies_M = recv_h[:, tab.materialized_ids].sum(0).tolist()
-        source_A = torch.repeat_interleave(torch.arange(W, device=recv_counts_WM.device),
-                                           torch.tensor(copy_recv_splits, device=recv_counts_WM.device),
+        M = len(tab.materialized_ids)
+        recv_counts_WNM = recv_counts_WX[:, :NE].view(W, n, E).index_select(2, tab.materialized)
+        recv_copies_NM = recv_h[:, :NE].view(W, n, E)[:, :, tab.materialized_ids].sum(0)
+        source_A = torch.repeat_interleave(torch.arange(W, device=recv_counts_WNM.device),
+                                           torch.tensor(copy_recv_splits, device=recv_counts_WNM.device),
                                            output_size=sum(copy_recv_splits))
-        recv_order_C = regroup_index(recv_counts_WM)
+        recv_order_C = regroup_index(recv_counts_WNM.reshape(W, n * M))  # (source, chunk, expert) -> (chunk, e, s)
         chunks, row, copy = [], 0, 0
         for j in range(n):
-            lo, hi = chunk_slot_range(j, n, M)  # slots s with s * n // M == j
-            send_splits, recv_splits = send_h[:, E + j].tolist(), recv_h[:, E + j].tolist()
-            num_copies = sum(recv_copies_M[lo:hi])
+            lo, hi = (0, M) if by_tokens else chunk_slot_range(j, n, M)  # slots s with s * n // M == j
+            send_splits, recv_splits = send_h[:, NE + j].tolist(), recv_h[:, NE + j].tolist()
+            num_copies = int(recv_copies_NM[j].sum())
             chunks.append(ChunkPlan(slice(row, row + sum(send_splits)), send_splits, recv_splits,
-                                    slice(copy, copy + num_copies), slice(lo, hi), recv_counts_WM[:, lo:hi].sum(0)))
+                                    slice(copy, copy + num_copies), slice(lo, hi), recv_counts_WNM[:, j, lo:hi].sum(0)))
             row, copy = row + sum(send_splits), copy + num_copies
         return AllToAllPlan(local, placement, chunks, token_U, row_TK, copy_send_splits, copy_recv_splits,
-                            recv_order_C, source_A[recv_order_C], recv_counts_WX[:, E + n], meta_in, gates_in, timing)
+                            recv_order_C, source_A[recv_order_C], recv_counts_WX[:, NE + n], meta_in, gates_in, timing)
 
     def _arrivals(self, plan: AllToAllPlan) -> Arrivals:
         """Wait for the metadata and gates (once per plan) and derive every chunk's expand index and gates."""
