@@ -5,8 +5,8 @@
     python bench/sim_validate.py --published                                        # predicted vs published
 
 Rows (fp32, one thread per rank, gloo over loopback; E=8, K=2, D=512, F=1024):
-  * EP vs FSSDP (budget 2) under Zipf 1.2 routing, 2 ranks x 4096 tokens and 4 ranks x 2048 tokens: the set-up of
-    bench/fssdp_bench.py, whose `Mode` runs each step here;
+  * EP vs FSSDP (budget 2) under Zipf 1.2 routing with the hot experts on rank 0, 2 ranks x 4096 tokens and 4 ranks
+    x 2048 tokens: bench/fssdp_bench.py's `zipf1.2-colocated` scenario, stepped here by `FSSDPBenchMode`;
   * pipelining degrees 1, 2, 4 with forced-balanced routing, 2 ranks x 4096 tokens (bench/pipeline.py's set-up) on
     plain loopback and, as root, on a loopback rate-limited with tc (`--netns-rate`, may be repeated).
 
@@ -57,20 +57,55 @@ def _pipeline_layers(world: int):
     return layers
 
 
+class FSSDPBenchMode:
+    """One mode (EP or FSSDP) of bench/fssdp_bench.py's `zipf{S}-colocated` scenario (its `build`, `Popularity`,
+    `draw_topk` and synthetic router), stepped as its `run_scenario` steps it: forward + backward timed on the slowest
+    rank, then the global counts and FSSDP's `after_step` (untimed)."""
+
+    def __init__(self, rank: int, world: int, tokens: int, zipf_s: float, fssdp: bool):
+        from fssdp_bench import Popularity, build, draw_topk, synthetic_router
+        from moetrain.config.schema import FSSDPConfig
+
+        args = argparse.Namespace(experts=E, top_k=K, dim=D, hidden=F, tokens=tokens, budget=2, rematerialize=False,
+                                  window=FSSDPConfig.window, flops_per_byte=FSSDPConfig.flops_per_byte,
+                                  no_fallback=False)
+        self.rank, self.tokens, self.draw_topk = rank, tokens, draw_topk
+        self.layer = build(args, "fssdp" if fssdp else "ep")
+        self.popularity = Popularity(f"zipf{zipf_s:g}-colocated", E)
+        self.topk = None
+        synthetic_router(self.layer, lambda: self.topk)
+        g = torch.Generator().manual_seed(rank)
+        self.x, self.dy = torch.randn(tokens, D, generator=g), torch.randn(tokens, D, generator=g)
+
+    def step(self, i: int) -> float:
+        import time
+
+        self.topk = self.draw_topk(self.popularity(i), self.tokens, K, seed=1_000_003 * i + self.rank)
+        self.layer.zero_grad(set_to_none=True)
+        x = self.x.clone().requires_grad_()
+        dist.barrier()
+        t0 = time.perf_counter()
+        y, record = self.layer(x[None], return_record=True)
+        y.backward(self.dy[None])
+        elapsed = torch.tensor([time.perf_counter() - t0])
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        counts = record.tokens_per_expert_E.double()
+        dist.all_reduce(counts)
+        state = getattr(self.layer.experts, "state", None)
+        if state is not None:
+            state.after_step(i + 1, counts, list(self.layer.experts.parameters()), None)
+        return elapsed.item()
+
+
 def worker(rank, world, args):
     torch.manual_seed(rank)
     probes = Probes(rank, world, args.tokens)
     if args.bench == "fssdp":
-        from fssdp_bench import Mode
-
-        bench_args = argparse.Namespace(experts=E, top_k=K, dim=D, hidden=F, tokens=args.tokens, zipf=args.zipf,
-                                        budget=2, rematerialize=False, warmup=args.warmup, iters=args.iters)
-        modes = {"EP": Mode(rank, world, bench_args, fssdp=False), "FSSDP": Mode(rank, world, bench_args, fssdp=True)}
+        modes = {"EP": FSSDPBenchMode(rank, world, args.tokens, args.zipf, fssdp=False),
+                 "FSSDP": FSSDPBenchMode(rank, world, args.tokens, args.zipf, fssdp=True)}
 
         def step(name, i):
-            m = modes[name]
-            m.step(i, measure=True)
-            return m.times.pop()
+            return modes[name].step(i)
     else:
         layers = _pipeline_layers(world)
         g = torch.Generator().manual_seed(rank)

@@ -34,7 +34,7 @@ from typing import Optional, Sequence
 import torch
 
 from moetrain.parallel.dispatch.placement import Placement
-from moetrain.parallel.fssdp.placement import balanced_owners, place_replicas
+from moetrain.parallel.fssdp.placement import balanced_owners, place_replicas, replica_cost_rows
 from moetrain.parallel.pipeline import chunk_of_slot
 from moetrain.sim.cluster import Cluster
 from moetrain.sim.comm import all_to_all_time
@@ -43,12 +43,14 @@ from moetrain.sim.compute import experts_time, matmul_time, shared_makespan, sha
 FP32 = 4
 
 
-def fssdp_placement(load_E: Sequence[float], world: int, budget: int, reshard: bool = False) -> Placement:
+def fssdp_placement(load_E: Sequence[float], world: int, budget: int, reshard: bool = False,
+                    kappa: float = 0.0) -> Placement:
     """The placement FSSDP computes for a step whose predicted load is `load_E` (moetrain/parallel/fssdp/state.py):
-    contiguous owners until it re-shards, then `balanced_owners`; replicas by `place_replicas` under the budget."""
+    contiguous owners until it re-shards, then `balanced_owners`; replicas by `place_replicas` under the budget,
+    each costing `kappa` rows (the state's `replica_cost_rows`)."""
     E = len(load_E)
     owners = balanced_owners(load_E, world) if reshard else [e // (E // world) for e in range(E)]
-    return place_replicas(owners, load_E, world, budget)
+    return place_replicas(owners, load_E, world, budget, kappa)
 
 
 def routed_rows(counts_SE: torch.Tensor, placement: Placement, degree: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,11 +151,13 @@ def moe_layer(cluster: Cluster, world: int, num_experts: int, top_k: float, dim:
               load_E: torch.Tensor, mode: str = "ep", degree: int = 1, budget: int = 0, rematerialize: bool = False,
               reshard: bool = False, shared_hidden: int = 0, payload_bytes: Optional[int] = None,
               hierarchical: bool = False, sharing_ranks: Optional[int] = None,
-              backward_overlap: bool = True, prefetch_gather: bool = False, split: str = "experts") -> LayerPrediction:
+              backward_overlap: bool = True, prefetch_gather: bool = False, split: str = "experts",
+              flops_per_byte: float = 80.0) -> LayerPrediction:
     """Predict one MoE layer (module docstring). `load_E`: the share of copies per expert (sums to 1); `world`: the
     expert group's size; `sharing_ranks`: ranks sharing the CPU's cores (default `world`); `backward_overlap`:
     False waits for every reverse all-to-all in turn (a pessimistic bound); `prefetch_gather`: hide spAG / spRS
     behind the neighbouring layers' compute (approximated by this layer's), as Hecate does and moetrain does not.
+    `flops_per_byte`: parallel.fssdp.flops_per_byte (a replica's copy cost in the placement).
     `split`: parallel.pipeline_split; "tokens": chunk j carries 1/n of every block's copies and rows (every expert
     computes in every chunk), "experts": chunk j the experts of its slot range with all their rows (the degree is
     capped at the experts a rank computes)."""
@@ -163,8 +167,9 @@ def moe_layer(cluster: Cluster, world: int, num_experts: int, top_k: float, dim:
     share = sharing_factor(sharing_ranks or W, cores)
     load_E = torch.as_tensor(load_E, dtype=torch.float64)
     load_E = load_E / load_E.sum()
-    if mode == "fssdp" and W > 1:
-        placement = fssdp_placement((load_E * T * top_k * W).tolist(), W, budget, reshard)
+    if mode == "fssdp" and W > 1:  # the cost model of FSSDPLayerState: fp32 master weights copied
+        kappa = replica_cost_rows(flops_per_byte, FP32) * (1.5 if rematerialize else 1.0)
+        placement = fssdp_placement((load_E * T * top_k * W).tolist(), W, budget, reshard, kappa)
     else:
         placement = Placement.contiguous(E, W)
     counts_SE = (T * top_k * load_E)[None].expand(W, E)

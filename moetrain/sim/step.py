@@ -159,7 +159,7 @@ def simulate(cfg: TrainConfig, world: int, cluster: Cluster, routing: RoutingLoa
                                         rematerialize=par.fssdp.rematerialize, reshard=par.fssdp.reshard_every > 0,
                                         shared_hidden=blk["shared"], payload_bytes=b, hierarchical=hierarchical,
                                         sharing_ranks=world, prefetch_gather=prefetch_gather,
-                                        split=par.pipeline_split)
+                                        split=par.pipeline_split, flops_per_byte=par.fssdp.flops_per_byte)
             moe.append(layers[key])
             moe_index += 1
         else:
