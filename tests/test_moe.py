@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moetrain.config.schema import RouterConfig
-from moetrain.kernels.grouped_gemm import grouped_mm
+from moetrain.kernels.grouped_gemm import ChunkWeightGrads, grouped_mm, grouped_swiglu
 from moetrain.moe.experts import GroupedExperts, reference_experts
 from moetrain.moe.layer import MoELayer
 from moetrain.moe.routers.topk import TopKRouter as Router, balanced_assignment, select_topk
@@ -74,36 +74,87 @@ def test_grouped_experts_equal_per_expert_loop_including_empty_expert():
     assert all(torch.all(g[1] == 0) for g in grads)
 
 
-@pytest.mark.parametrize("chunks", [[slice(0, 2), slice(2, 5), slice(5, 6)], [slice(0, 0), slice(0, 6)],
-                                    [slice(0, 6)], [slice(3, 6), slice(0, 3)]])
-def test_chunk_weights_split_once_and_give_the_sliced_gradients(chunks):
-    """split_for_chunks: each chunk computes on its experts' weights; a partition in order is one split per weight
-    (one backward node that concatenates the chunks' gradients, no full-size zero-fill per chunk), and the gradients
-    equal slicing each chunk (the fallback for anything else)."""
+class _FullSizeOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops among `names` that produce a tensor of `numel` elements (a whole stacked weight)."""
+
+    def __init__(self, numel, names=("add", "add_", "cat", "sum")):
+        super().__init__()
+        self.numel, self.names, self.seen = numel, names, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in self.names and isinstance(out, torch.Tensor) and out.numel() == self.numel:
+            self.seen.append(name)
+        return out
+
+
+@pytest.mark.parametrize("backend", GEMM_BACKENDS)
+@pytest.mark.parametrize("chunks", [
+    [slice(0, 2), slice(2, 5), slice(5, 6)],  # split by experts, in order
+    [slice(3, 6), slice(0, 3)],  # out of order
+    [slice(0, 0), slice(0, 6)],  # an empty chunk
+    [slice(0, 6)] * 3,  # split by tokens: every chunk computes every expert, on its own rows
+    [slice(0, 6)],  # one chunk
+    [slice(0, 2), slice(4, 6)],  # experts 2, 3 in no chunk: zero gradients
+])
+def test_chunk_weight_grads_are_built_in_place_and_equal_per_chunk_slices(chunks, backend):
+    """ChunkWeightGrads: the chunks of one forward write their weight gradients into one buffer per weight, with no
+    full-size addition or concatenation in backward, and the gradients equal the reference computed on each chunk's
+    weight slices (autograd adding them up: a full-size addition per extra chunk and weight); an expert with no rows or in no chunk gets zeros; a second backward of
+    the same shape starts from scratch."""
     torch.manual_seed(0)
-    ex = GroupedExperts(4, 6, list(range(6)))
+    ex = GroupedExperts(4, 8, list(range(6)), backend)  # 16-byte rows: torch._grouped_mm's alignment
     ex.reset_parameters(0.3, 0.3, seed=0, layer_id=1)
-    counts = [torch.tensor([3, 0, 2, 1, 4, 2][s]) for s in chunks]
-    xs = [torch.randn(int(c.sum()), 4) for c in counts]
-
-    def run(per_chunk):
-        ex.zero_grad()
-        y = torch.cat([ex.compute(x, c, w) for x, c, w in zip(xs, counts, per_chunk)])
-        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
-        return y.detach(), [p.grad.clone() for p in ex.parameters()]
-
     weights = (ex.w1_EDF, ex.w3_EDF, ex.w2_EFD)
-    split = ex.split_for_chunks(weights, chunks)
-    y, grads = run(split)
-    y_ref, grads_ref = run([tuple(w[s] for w in weights) for s in chunks])
-    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
-    for g, g_ref in zip(grads, grads_ref):
-        torch.testing.assert_close(g, g_ref, rtol=0, atol=0)
-    in_order = [i for s in chunks for i in range(6)[s]] == list(range(6))
-    if len(chunks) == 1:
-        assert split[0][0] is ex.w1_EDF  # the weights as they are
-    elif in_order:
-        assert all(w[0].grad_fn.name().startswith("SplitWithSizes") for w in split)
+    counts = [torch.tensor([3, 0, 2, 1, 4, 2][s]) + i % 2 * (torch.arange(6)[s] % 3)
+              for i, s in enumerate(chunks)]
+    xs = [torch.randn(int(c.sum()), 4) for c in counts]
+    dy = torch.randn(sum(x.shape[0] for x in xs), 4)
+
+    for rep in range(2):
+        ex.zero_grad(set_to_none=True)
+        grads = ChunkWeightGrads(len(chunks))
+        y = torch.cat([ex.compute(x, c, weights, s, grads) for x, c, s in zip(xs, counts, chunks)])
+        ops = _FullSizeOps(ex.w1_EDF.numel())
+        with ops:
+            (y * dy).sum().backward()
+        # The loop accumulates with addmm; the other backends return a fresh product, added in place to the buffer.
+        assert set(ops.seen) <= ({"add_"} if backend != "loop" else set()) and grads.pending == len(chunks)
+        ws = [w.detach().clone().requires_grad_() for w in weights]
+        yr = torch.cat([reference_experts(x, c, *(w[s] for w in ws)) for x, c, s in zip(xs, counts, chunks)])
+        (yr * dy).sum().backward()
+        torch.testing.assert_close(y, yr)
+        for w, wr in zip(weights, ws):
+            torch.testing.assert_close(w.grad, wr.grad if wr.grad is not None else torch.zeros_like(w))
+
+
+def test_chunk_weight_grads_under_autocast_cast_once_and_sum_in_fp32():
+    """Under bf16 autocast the chunks share one bf16 copy of each weight, and their gradient is summed in the fp32
+    master weights' dtype: equal to autograd's sum through per-chunk casts."""
+    torch.manual_seed(0)
+    ex = GroupedExperts(8, 16, list(range(4)))
+    ex.reset_parameters(0.3, 0.3, seed=0, layer_id=0)
+    weights = (ex.w1_EDF, ex.w3_EDF, ex.w2_EFD)
+    counts = [torch.tensor([3, 0, 2, 5]), torch.tensor([1, 4, 0, 2])]  # split by tokens
+    xs = [torch.randn(int(c.sum()), 8) for c in counts]
+    dy = torch.randn(sum(x.shape[0] for x in xs), 8)
+    grads = ChunkWeightGrads(2)
+    casts = _FullSizeOps(ex.w1_EDF.numel(), names=("_to_copy",))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with casts:
+            ys = [ex.compute(x, c, weights, slice(None), grads) for x, c in zip(xs, counts)]
+        assert len(casts.seen) == 3  # one bf16 copy per weight for both chunks
+        ws = [w.detach().clone().requires_grad_() for w in weights]
+        yr = torch.cat([grouped_swiglu(x, *ws, c, "loop") for x, c in zip(xs, counts)])  # a chunk each
+    y = torch.cat(ys)
+    assert y.dtype == torch.bfloat16
+    (y.float() * dy).sum().backward()
+    (yr.float() * dy).sum().backward()
+    torch.testing.assert_close(y, yr, rtol=0, atol=0)
+    for w, wr in zip(weights, ws):
+        assert w.grad.dtype == torch.float32
+        torch.testing.assert_close(w.grad, wr.grad)
 
 
 def test_expert_init_does_not_depend_on_split():

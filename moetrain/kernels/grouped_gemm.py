@@ -22,12 +22,14 @@ torch 2.13 CPU bug where `_grouped_mm`'s own backward fails on a stride-0 incomi
 `grouped_swiglu` is the whole expert MLP, y = grouped(silu(grouped(x, w1)) * grouped(x, w3), w2), as ONE autograd
 function: it saves x, h1, h3 (and the weights) instead of the five activations autograd keeps, recomputes
 silu(h1) in backward, writes dh3 in place of dh, and accumulates dx = dh1 @ w1^T + dh3 @ w3^T with one addmm per
-group instead of a separate add over all rows.
+group instead of a separate add over all rows, and the pipeline chunks of one layer write their weight gradients into one
+buffer per weight (ChunkWeightGrads) instead of autograd adding up one full-size gradient per chunk.
 
 Mixed precision. Both entry points behave like an autocast matmul: under torch.autocast (any device) the rows and
-the weights are cast to the autocast dtype (bf16) before the autograd function, otherwise to the rows' dtype. The
-weights are cast outside the function, so the fp32 master weights receive fp32 gradients through the cast's
-backward, and every gradient the function returns has its input's dtype. Forward and backward run with autocast off
+the weights are cast to the autocast dtype (bf16), otherwise the weights to the rows' dtype. `grouped_mm` casts the
+weights before its autograd function (the fp32 master weights receive fp32 gradients through the cast's backward);
+`grouped_swiglu` casts them inside, once for all the pipeline chunks of a layer, and builds their gradient in the
+master weights' dtype (ChunkWeightGrads). Every gradient returned has its input's dtype. Forward and backward run with autocast off
 (torch.amp.custom_fwd/custom_bwd would do the same, but they bind one device type at definition time and these
 functions serve CPU and CUDA), so nothing inside is re-cast behind their back. Every backend accumulates in fp32:
 torch._grouped_mm and torch.mm do for bf16 operands, and the Triton kernels feed bf16 operands to tl.dot (tensor
@@ -194,16 +196,18 @@ def _forward(x_RD, w_EDF, counts: list[int], offs_E, impl: str, name: str = "gro
     return out_RF
 
 
-def _weight_grad(x_RD, dy_RF, counts: list[int], offs_E, impl: str, name: str = "grouped_mm.dw") -> torch.Tensor:
+def _weight_grad(x_RD, dy_RF, counts: list[int], offs_E, impl: str, name: str = "grouped_mm.dw",
+                 exact: bool = True) -> torch.Tensor:
     """dw_EDF[e] = x_e^T @ dy_e; zeros for an empty group (the loop writes every other group once, so only the
     empty groups are zero-filled)."""
     if impl == "grouped_mm":
         return torch._grouped_mm(x_RD.t(), dy_RF, offs=offs_E)
     if impl == "triton":
         return _triton_weight_grad(x_RD, dy_RF, counts, offs_E)
-    # exact: the gradient becomes the parameter's .grad and lives until the optimizer has stepped.
+    # exact (unless a scratch result): the gradient becomes the parameter's .grad and lives until the optimizer has
+    # stepped.
     dw_EDF = workspace.empty(name, (len(counts), x_RD.shape[1], dy_RF.shape[1]), dy_RF.dtype, dy_RF.device,
-                             exact=True)
+                             exact=exact)
     start = 0
     for e, n in enumerate(counts):
         if n:
@@ -249,14 +253,112 @@ def grouped_mm(x_RD: torch.Tensor, w_EDF: torch.Tensor, tokens_per_group_E: torc
     return _GroupedMM.apply(x_RD.to(dt), w_EDF.to(dt), tokens_per_group_E, backend)
 
 
+class ChunkWeightGrads:
+    """The weight gradients of the grouped_swiglu calls of one layer's pipeline chunks, built in place.
+
+    Legend: L stacked experts of the weights (all the chunks' experts), s_c the experts of chunk c (a slice of L).
+
+    The chunks of a layer compute on the same stacked weights w_L: a slice each when chunks split the experts, all of
+    them when chunks split the tokens. Autograd would give every chunk its own weight gradient and add them up: per
+    weight and chunk one full-size allocation plus one full-size addition (split by tokens), or one concatenation of
+    the slices (split by experts). Instead every chunk writes into ONE full-size gradient per weight:
+
+        dw_L[e]  = x_e^T @ dy_e        the first chunk to reach expert e in backward (zeros if it has no rows)
+        dw_L[e] += x_e^T @ dy_e        every later one (one addmm per expert on CPU: no separate addition pass)
+
+    and the call whose backward runs last returns dw_L (the others return None: no gradient), whatever order autograd
+    runs the chunks in. An expert no chunk covered is zero-filled then. Under autocast the weights are cast once for
+    all chunks (`cast`), and the gradient is built in the weights' own dtype (fp32 master weights: each chunk's bf16
+    product is added in fp32, as autograd's sum through the casts did). One call alone (`grouped_swiglu` without
+    `chunks`) is the degenerate case: it writes its experts, zero-fills the rest.
+    """
+
+    def __init__(self, num_calls: int):
+        if num_calls < 1:
+            raise ValueError(f"num_calls={num_calls}: expected at least 1")
+        self.num_calls = num_calls
+        self._cast: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._reset()
+
+    def _reset(self) -> None:
+        self.pending = self.num_calls
+        self.grads: list[Optional[torch.Tensor]] = [None, None, None]
+        self.written: list[Optional[list[bool]]] = [None, None, None]
+        self._cast.clear()
+
+    def cast(self, i: int, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """w (weight i) in the computation dtype, cast once for every chunk."""
+        if w.dtype == dtype:
+            return w
+        cached = self._cast.get(i)
+        if cached is None or cached[0] is not w or cached[1].dtype != dtype:
+            cached = self._cast[i] = (w, w.detach().to(dtype))
+        return cached[1]
+
+    def add(self, i: int, like: tuple, experts: slice, x_RD, dy_RF, counts: list[int], offs_E, impl: str):
+        """dw_L[experts] (+)= the grouped x^T @ dy of one call, for weight i; like: its (shape, dtype, device)."""
+        shape, dtype, device = like
+        L = shape[0]
+        r = range(L)[experts]
+        buf = self.grads[i]
+        if buf is None:
+            if impl != "loop" and len(r) == L and x_RD.dtype == dtype:
+                self.grads[i] = _weight_grad(x_RD, dy_RF, counts, offs_E, impl)  # nothing to add to: keep it
+                self.written[i] = [True] * L
+                return
+            buf = self.grads[i] = workspace.empty(f"swiglu.dw{i}", shape, dtype, device, exact=True)
+            self.written[i] = [False] * L
+        written = self.written[i]
+        if impl == "loop" and x_RD.dtype == buf.dtype:
+            start = 0
+            for e, n in zip(r, counts):
+                if written[e]:
+                    if n:
+                        buf[e].addmm_(x_RD[start:start + n].t(), dy_RF[start:start + n])
+                elif n:
+                    torch.mm(x_RD[start:start + n].t(), dy_RF[start:start + n], out=buf[e])
+                else:
+                    buf[e].zero_()
+                written[e] = True
+                start += n
+            return
+        dw_SDF = _weight_grad(x_RD, dy_RF, counts, offs_E, impl, "swiglu.dw.scratch", exact=False)
+        done = [written[e] for e in r]
+        if not any(done):
+            buf[experts].copy_(dw_SDF)
+        elif all(done):
+            buf[experts].add_(dw_SDF)
+        else:
+            for j, e in enumerate(r):
+                buf[e].add_(dw_SDF[j]) if written[e] else buf[e].copy_(dw_SDF[j])
+        for e in r:
+            written[e] = True
+
+    def finish(self) -> list[Optional[torch.Tensor]]:
+        """Called once by every call's backward: the full gradients for the last one (unwritten experts zeroed),
+        None for the others."""
+        self.pending -= 1
+        if self.pending > 0:
+            return [None, None, None]
+        grads, written = self.grads, self.written
+        for buf, done in zip(grads, written):
+            if buf is not None:
+                for e in (e for e, d in enumerate(done) if not d):
+                    buf[e].zero_()
+        self._reset()
+        return grads
+
+
 class _GroupedSwiGLU(torch.autograd.Function):
-    """y_RD = grouped(silu(grouped(x_RD, w1)) * grouped(x_RD, w3), w2) with a hand-written backward."""
+    """y_RD = grouped(silu(grouped(x_RD, w1)) * grouped(x_RD, w3), w2) with a hand-written backward, on the experts
+    `experts` of the stacked weights; their gradients go through `chunks` (ChunkWeightGrads)."""
 
     @staticmethod
     @without_autocast
-    def forward(ctx, x_RD, w1_EDF, w3_EDF, w2_EFD, tokens_per_group_E, backend):
+    def forward(ctx, x_RD, w1_LDF, w3_LDF, w2_LFD, tokens_per_group_E, backend, experts, chunks, dtype):
         counts = tokens_per_group_E.tolist()
         offs_E = _offsets(tokens_per_group_E)
+        w1_EDF, w3_EDF, w2_EFD = (chunks.cast(i, w, dtype)[experts] for i, w in enumerate((w1_LDF, w3_LDF, w2_LFD)))
         impl = _choose_impl(backend, x_RD, w1_EDF)
         h1_RF = _forward(x_RD, w1_EDF, counts, offs_E, impl, "swiglu.h1")
         h3_RF = _forward(x_RD, w3_EDF, counts, offs_E, impl, "swiglu.h3")
@@ -264,24 +366,28 @@ class _GroupedSwiGLU(torch.autograd.Function):
         y_RD = _forward(h_RF, w2_EFD, counts, offs_E, impl, "swiglu.y")
         del h_RF  # forward scratch: its buffer is free again before backward
         ctx.save_for_backward(x_RD, w1_EDF, w3_EDF, w2_EFD, h1_RF, h3_RF, offs_E)
-        ctx.counts, ctx.impl = counts, impl
+        ctx.counts, ctx.impl, ctx.experts, ctx.chunks = counts, impl, experts, chunks
+        ctx.like = [(w.shape, w.dtype, w.device) for w in (w1_LDF, w3_LDF, w2_LFD)]
         return y_RD
 
     @staticmethod
     @without_autocast
     def backward(ctx, dy_RD):
         x_RD, w1_EDF, w3_EDF, w2_EFD, h1_RF, h3_RF, offs_E = ctx.saved_tensors
-        counts, impl = ctx.counts, ctx.impl
+        counts, impl, chunks = ctx.counts, ctx.impl, ctx.chunks
         need_x, need_w1, need_w3, need_w2 = ctx.needs_input_grad[:4]
+
+        def weight_grad(i, a, b):
+            chunks.add(i, ctx.like[i], ctx.experts, a, b, counts, offs_E, impl)
+
         dy_RD = dy_RD.contiguous()
         # Backward temporaries are reused in place: 3 R x F workspace buffers (s, h -> dh, dh*h3 -> dh1) besides dx.
         s_RF = torch.ops.aten.silu.out(h1_RF, out=_scratch("swiglu.bwd.s", h1_RF))
         buf_RF = None
-        dw2 = None
         if need_w2:
             buf_RF = torch.mul(s_RF, h3_RF, out=_scratch("swiglu.bwd.h", h1_RF))  # h = silu(h1) * h3, recomputed
-            dw2 = _weight_grad(buf_RF, dy_RD, counts, offs_E, impl, "swiglu.dw2")
-        dx = dw1 = dw3 = None
+            weight_grad(2, buf_RF, dy_RD)
+        dx = None
         if need_x or need_w1 or need_w3:
             dh_RF = _forward(dy_RD, w2_EFD.transpose(-2, -1), counts, offs_E, impl, "swiglu.bwd.h", out=buf_RF)
             dh1_RF = torch.mul(dh_RF, h3_RF, out=_scratch("swiglu.bwd.dh1", h1_RF))
@@ -289,18 +395,24 @@ class _GroupedSwiGLU(torch.autograd.Function):
             dh3_RF = dh_RF.mul_(s_RF)  # d/dh3 = dh * silu(h1), in place of dh
             del s_RF
             if need_w1:
-                dw1 = _weight_grad(x_RD, dh1_RF, counts, offs_E, impl, "swiglu.dw1")
+                weight_grad(0, x_RD, dh1_RF)
             if need_w3:
-                dw3 = _weight_grad(x_RD, dh3_RF, counts, offs_E, impl, "swiglu.dw3")
+                weight_grad(1, x_RD, dh3_RF)
             if need_x:
                 dx = _forward(dh1_RF, w1_EDF.transpose(-2, -1), counts, offs_E, impl, "swiglu.dx")
                 dx = _forward(dh3_RF, w3_EDF.transpose(-2, -1), counts, offs_E, impl, accumulate_into=dx)
-        return dx, dw1, dw3, dw2, None, None
+        dw1, dw3, dw2 = chunks.finish()
+        return dx, dw1, dw3, dw2, None, None, None, None, None
 
 
-def grouped_swiglu(x_RD: torch.Tensor, w1_EDF: torch.Tensor, w3_EDF: torch.Tensor, w2_EFD: torch.Tensor,
-                   tokens_per_group_E: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """y_RD = per-group silu(x @ w1) * (x @ w3) @ w2 (rows grouped by expert; see module docstring). Computed in the
-    autocast dtype under autocast (x and the weights cast to it, y in it), else in x's dtype."""
+def grouped_swiglu(x_RD: torch.Tensor, w1_LDF: torch.Tensor, w3_LDF: torch.Tensor, w2_LFD: torch.Tensor,
+                   tokens_per_group_E: torch.Tensor, backend: str = "auto", experts: slice = slice(None),
+                   chunks: Optional[ChunkWeightGrads] = None) -> torch.Tensor:
+    """y_RD = per-group silu(x @ w1) * (x @ w3) @ w2 on the experts `experts` of the stacked weights (rows grouped by
+    expert, tokens_per_group_E rows each; see module docstring). Computed in the autocast dtype under autocast (x
+    and the weights cast to it, y in it), else in x's dtype. The pipeline chunks of one layer pass one shared
+    `chunks` (ChunkWeightGrads(num_chunks)): their weight gradients are then built in place in one buffer per
+    weight; without it the call is a chunk of its own."""
     dt = autocast_dtype(x_RD) or x_RD.dtype
-    return _GroupedSwiGLU.apply(x_RD.to(dt), w1_EDF.to(dt), w3_EDF.to(dt), w2_EFD.to(dt), tokens_per_group_E, backend)
+    return _GroupedSwiGLU.apply(x_RD.to(dt), w1_LDF, w3_LDF, w2_LFD, tokens_per_group_E, backend, experts,
+                                chunks if chunks is not None else ChunkWeightGrads(1), dt)

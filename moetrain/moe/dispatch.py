@@ -10,8 +10,7 @@ L local experts.
         x_c = dispatch_comm(x_RD, plan, c)         # send the chunk's rows (returns before the transfer is done)
     for each chunk c:
         x_CD, tokens_per_expert_c, experts_c = dispatch_postprocess(x_c, plan, c)  # wait; copies grouped by expert
-                                                   # (chunk_experts(plan): every chunk's experts_c, known up front)
-        y_CD = experts[experts_c](x_CD)
+        y_CD = experts[experts_c](x_CD)                # weight gradients of all chunks built in one buffer
         y_c = combine_comm(combine_preprocess(y_CD, plan, c), plan, c)            # send results back (async)
     y_TD  = combine_postprocess(cat(y_c), plan)    # wait, sum into tokens
 The gates are applied in combine_preprocess or combine_postprocess, whichever side sums a token's copies: the local
@@ -55,8 +54,6 @@ class Dispatcher(Protocol):
     def dispatch_comm(self, x_RD: torch.Tensor, plan, chunk: int = 0) -> torch.Tensor: ...
 
     def dispatch_postprocess(self, x_RrD: torch.Tensor, plan, chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor, slice]: ...
-
-    def chunk_experts(self, plan) -> list[slice]: ...
 
     def combine_preprocess(self, y_RrD: torch.Tensor, plan, chunk: int = 0) -> torch.Tensor: ...
 
@@ -122,9 +119,6 @@ class LocalDispatcher(NoStepState):
 
     def dispatch_postprocess(self, x_RD, plan, chunk: int = 0):
         return x_RD, plan.tokens_per_expert_E, slice(None)
-
-    def chunk_experts(self, plan) -> list[slice]:
-        return [slice(None)]
 
     def combine_preprocess(self, y_RD, plan, chunk: int = 0):
         return y_RD

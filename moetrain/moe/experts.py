@@ -16,13 +16,13 @@ them and of the rows, accumulating in fp32, and the weight gradients arrive in f
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moetrain.kernels.grouped_gemm import grouped_swiglu
+from moetrain.kernels.grouped_gemm import ChunkWeightGrads, grouped_swiglu
 from moetrain.moe.dispatch import NoStepState
 
 
@@ -44,31 +44,14 @@ class GroupedExperts(NoStepState, nn.Module):
         """The stacked weights of the experts this rank computes (here: its own), for the duration of a forward."""
         yield self.w1_EDF, self.w3_EDF, self.w2_EFD
 
-    @staticmethod
-    def split_for_chunks(weights, chunks: list[slice]) -> list[tuple]:
-        """The weights of each pipeline chunk (`chunks`: contiguous slices of the materialized experts, in order,
-        covering all of them): one `split` per weight, whose backward concatenates the chunks' gradients once,
-        instead of one slice per chunk, whose backward zero-fills a full-size gradient that autograd then adds up
-        (n zero-fills and n - 1 full-size additions per weight at degree n). A chunk of all experts (one chunk, or
-        chunks split by tokens): the weights as they are."""
-        L = weights[0].shape[0]
-        ranges = [range(L)[s] for s in chunks]
-        if all(r == range(L) for r in ranges):  # one chunk, or chunks of tokens: every chunk uses every expert
-            return [tuple(weights)] * len(ranges)
-        if [i for r in ranges for i in r] != list(range(L)):  # not a partition in order: slice each
-            return [tuple(w[s] for w in weights) for s in chunks]
-        parts = [w.split([len(r) for r in ranges]) for w in weights]
-        return [tuple(p[c] for p in parts) for c in range(len(chunks))]
-
-    def compute(self, x_RD: torch.Tensor, tokens_per_expert_L: torch.Tensor, weights, experts: slice = slice(None)):
-        """The experts `experts` (a slice of the materialized ones) on rows grouped by expert. A slice covering all
-        of them passes the weights as they are: slicing would add a SliceBackward that zero-fills and copies a
-        full-size gradient per weight in backward."""
-        L = weights[0].shape[0]
-        if range(L)[experts] != range(L):
-            weights = tuple(w[experts] for w in weights)
+    def compute(self, x_RD: torch.Tensor, tokens_per_expert_L: torch.Tensor, weights, experts: slice = slice(None),
+                chunks: Optional[ChunkWeightGrads] = None) -> torch.Tensor:
+        """The experts `experts` (a slice of the materialized ones) on rows grouped by expert. The pipeline chunks of
+        one forward pass one shared `chunks` (ChunkWeightGrads): their weight gradients are then written into one
+        full-size gradient per weight (kernels/grouped_gemm.py) instead of autograd adding up a gradient per chunk
+        (split by tokens) or concatenating the slices' gradients (split by experts)."""
         w1, w3, w2 = weights
-        return swiglu_experts(x_RD, tokens_per_expert_L, w1, w3, w2, self.backend)
+        return swiglu_experts(x_RD, tokens_per_expert_L, w1, w3, w2, self.backend, experts, chunks)
 
     def forward(self, x_RD: torch.Tensor, tokens_per_expert_L: torch.Tensor) -> torch.Tensor:
         with self.materialize() as weights:
@@ -84,13 +67,14 @@ class GroupedExperts(NoStepState, nn.Module):
                 w[i].copy_(cpu)
 
 
-def swiglu_experts(x_RD, tokens_per_expert_L, w1_EDF, w3_EDF, w2_EFD, backend: str = "auto") -> torch.Tensor:
+def swiglu_experts(x_RD, tokens_per_expert_L, w1_EDF, w3_EDF, w2_EFD, backend: str = "auto",
+                   experts: slice = slice(None), chunks: Optional[ChunkWeightGrads] = None) -> torch.Tensor:
     """The grouped SwiGLU of the module docstring on given stacked weights (rows grouped by expert).
 
     One fused autograd function (kernels/grouped_gemm.py): the same math as three `grouped_mm` calls, fewer passes
     over the activations in backward and fewer saved activations.
     """
-    return grouped_swiglu(x_RD, w1_EDF, w3_EDF, w2_EFD, tokens_per_expert_L, backend)
+    return grouped_swiglu(x_RD, w1_EDF, w3_EDF, w2_EFD, tokens_per_expert_L, backend, experts, chunks)
 
 
 def reference_experts(x_RD: torch.Tensor, tokens_per_expert_L: torch.Tensor, w1_EDF, w3_EDF, w2_EFD) -> torch.Tensor:

@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from moetrain.config.schema import RouterConfig
-from moetrain.kernels.grouped_gemm import autocast_dtype
+from moetrain.kernels.grouped_gemm import ChunkWeightGrads, autocast_dtype
 from moetrain.model.mlp import SwiGLU
 from moetrain.moe.dispatch import Dispatcher, LocalDispatcher
 from moetrain.moe.experts import GroupedExperts
@@ -118,19 +118,18 @@ class MoELayer(nn.Module):
             shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
         counts = []
         with self.experts.materialize() as weights:
-            chunk_experts = d.chunk_experts(plan)
-            chunk_weights = self.experts.split_for_chunks(weights, chunk_experts)
+            grads = ChunkWeightGrads(plan.num_chunks)  # the chunks' weight gradients, built in place
             num_materialized = weights[0].shape[0]
             for c in range(plan.num_chunks):  # compute chunk c while later chunks arrive and earlier ones return
-                x_c, tokens_c, _ = d.dispatch_postprocess(ex.arrival(in_flight, c), plan, c)
-                w_c = chunk_weights[c]
+                x_c, tokens_c, experts_c = d.dispatch_postprocess(ex.arrival(in_flight, c), plan, c)
                 if self.recompute_experts and torch.is_grad_enabled():
                     # The weights go in as tensors, so saved-tensor hooks (FSSDP re-materialization) see them.
-                    y_c = checkpoint(self._compute_experts, x_c, tokens_c, slice(None), *w_c, use_reentrant=False)
+                    y_c = checkpoint(self._compute_experts, x_c, tokens_c, experts_c, grads, *weights,
+                                     use_reentrant=False)
                 else:
-                    y_c = self.experts.compute(x_c, tokens_c, w_c)
+                    y_c = self.experts.compute(x_c, tokens_c, weights, experts_c, grads)
                 ex.send_back(d.combine_preprocess(y_c, plan, c), c)
-                counts.append(tokens_c)
+                counts.append((experts_c, tokens_c))
         y_RD = ex.gather()
         y_TD = d.combine_postprocess(y_RD, plan)  # accumulated in fp32; kept fp32 (the residual's dtype) under autocast
         if amp_dtype is None:
@@ -140,10 +139,10 @@ class MoELayer(nn.Module):
         if routed.local_out_TD is not None:  # the router's virtual experts, computed on this rank
             y_TD = y_TD + routed.local_out_TD.to(y_TD.dtype)
         if len(counts) == 1:
-            tokens_per_local_expert_L = counts[0]
+            tokens_per_local_expert_L = counts[0][1]
         else:  # each chunk counted its slice of the experts (all of them when chunks split the tokens)
-            tokens_per_local_expert_L = counts[0].new_zeros(num_materialized)
-            for experts_c, tokens_c in zip(chunk_experts, counts):
+            tokens_per_local_expert_L = counts[0][1].new_zeros(num_materialized)
+            for experts_c, tokens_c in counts:
                 tokens_per_local_expert_L[experts_c] += tokens_c
 
         y_BSD = y_TD.view(B, S, D)
@@ -157,8 +156,8 @@ class MoELayer(nn.Module):
                                self.router.losses(routed, ctx), routed.carry)
         return y_BSD, record
 
-    def _compute_experts(self, x_RD, tokens_per_expert_L, experts, *weights) -> torch.Tensor:
-        return self.experts.compute(x_RD, tokens_per_expert_L, weights, experts)
+    def _compute_experts(self, x_RD, tokens_per_expert_L, experts, grads, *weights) -> torch.Tensor:
+        return self.experts.compute(x_RD, tokens_per_expert_L, weights, experts, grads)
 
     def flops_per_token(self, experts_per_token: float) -> float:
         """Forward FLOPs per token of this layer for a measured number of routed experts per token:

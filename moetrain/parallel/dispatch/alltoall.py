@@ -366,10 +366,6 @@ class AllToAllDispatcher:
         x_CD = kernels.permute(_wait(x_UrD), arrivals.uidx[chunk], arrivals.row_map[chunk])
         return x_CD, c.tokens_per_local_expert_L, c.experts
 
-    def chunk_experts(self, plan: AllToAllPlan) -> list[slice]:
-        """Each chunk's slice of the materialized experts (contiguous, in chunk order)."""
-        return [c.experts for c in plan.chunks]
-
     def combine_preprocess(self, y_CD, plan: AllToAllPlan, chunk: int = 0):
         """y_UrD: the gated sum of the copies of each arrived unique row, in y's dtype (accumulated in fp32)."""
         c, arrivals = plan.chunks[chunk], self._arrivals(plan)
