@@ -122,6 +122,10 @@ def test_two_rank_smoke_run_produces_the_report_tables():
     assert pipe["best_fixed"] == "degree 2"
     assert pipe["ratios"]["auto time / best fixed time"]["median"] == pytest.approx((2.1 / 2.0 + 1.0) / 2)
     assert pipe["ratios"]["best fixed time / max(compute alone, comm alone)"]["max"] == pytest.approx(2.0 / 1.8)
+    # degree 2's floor max(C, M) + min(C, M) / 2 per iteration: 1.8 + 1.0 / 2, then 2.0 + 1.9 / 2
+    assert pipe["ratios"]["best fixed time / its n-chunk floor"]["median"] == \
+        pytest.approx((2.0 / 2.3 + 2.2 / 2.95) / 2)
+    assert "best time / n-chunk floor" in "\n".join(report.pipeline_tables([pipe]))
     run = {"command": "moetrain-bench --test", "date": "today", "commit": "abc", "device": "cpu", "world": 2,
            "malloc": "default", "machine": machine.describe("cpu"), "load_start": [0.0], "load_end": [0.0],
            "wall_s": 1.0, "json_name": "x.json", "skipped": ["FSSDP vs EP: not in this test"], "results": [moe, pipe]}
