@@ -129,6 +129,27 @@ def test_chunk_weight_grads_are_built_in_place_and_equal_per_chunk_slices(chunks
             torch.testing.assert_close(w.grad, wr.grad if wr.grad is not None else torch.zeros_like(w))
 
 
+def test_chunk_weight_grads_accumulate_over_micro_batches():
+    """Gradient accumulation: each micro-batch's chunks build their gradient in their own buffer, and autograd adds
+    the second into the first (now `.grad`) without the workspace handing the busy buffer out again."""
+    torch.manual_seed(0)
+    ex = GroupedExperts(4, 8, list(range(3)))
+    ex.reset_parameters(0.3, 0.3, seed=0, layer_id=0)
+    weights = (ex.w1_EDF, ex.w3_EDF, ex.w2_EFD)
+    ws = [w.detach().clone().requires_grad_() for w in weights]
+    for micro in range(2):
+        counts = [torch.tensor([2, 1 + micro, 0]), torch.tensor([1, 0, 3])]  # split by tokens
+        xs = [torch.randn(int(c.sum()), 4) for c in counts]
+        grads = ChunkWeightGrads(2)
+        y = torch.cat([ex.compute(x, c, weights, slice(None), grads) for x, c in zip(xs, counts)])
+        yr = torch.cat([reference_experts(x, c, *ws) for x, c in zip(xs, counts)])
+        dy = torch.randn_like(y)
+        (y * dy).sum().backward()
+        (yr * dy).sum().backward()
+    for w, wr in zip(weights, ws):
+        torch.testing.assert_close(w.grad, wr.grad)
+
+
 def test_chunk_weight_grads_under_autocast_cast_once_and_sum_in_fp32():
     """Under bf16 autocast the chunks share one bf16 copy of each weight, and their gradient is summed in the fp32
     master weights' dtype: equal to autograd's sum through per-chunk casts."""
