@@ -101,8 +101,8 @@ class _FullSizeOps(torch.utils._python_dispatch.TorchDispatchMode):
 def test_chunk_weight_grads_are_built_in_place_and_equal_per_chunk_slices(chunks, backend):
     """ChunkWeightGrads: the chunks of one forward write their weight gradients into one buffer per weight, with no
     full-size addition or concatenation in backward, and the gradients equal the reference computed on each chunk's
-    weight slices (autograd adding them up: a full-size addition per extra chunk and weight); an expert with no rows or in no chunk gets zeros; a second backward of
-    the same shape starts from scratch."""
+    weight slices (autograd adding them up: a full-size addition per extra chunk and weight); an expert with no rows
+    or in no chunk gets zeros; a second backward of the same shape starts from scratch."""
     torch.manual_seed(0)
     ex = GroupedExperts(4, 8, list(range(6)), backend)  # 16-byte rows: torch._grouped_mm's alignment
     ex.reset_parameters(0.3, 0.3, seed=0, layer_id=1)

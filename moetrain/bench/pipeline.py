@@ -18,8 +18,9 @@ Variants (forced-balanced routing, so every degree and both estimates see the sa
 Perfect overlap would take max(compute alone, comm alone); the target is the best degree within 1.15x of it and auto
 within 1.05x of the best fixed degree. An n-chunk schedule cannot reach it: nothing computes before the first chunk
 has arrived and the last chunk's combine leaves after the compute, which leaves max(C, M) + min(C, M) / n (C compute
-alone, M comm alone); "best fixed time / its n-chunk floor" says how close the best degree gets to that. Ratios are per iteration: "degree n / degree 1" = time_1 / time_n (speed-up),
-"auto time / best fixed time" and "best fixed time / max(compute alone, comm alone)" (slow-downs, lower is better).
+alone, M comm alone); "best fixed time / its n-chunk floor" says how close the best degree gets to that. Ratios are
+per iteration: "degree n / degree 1" = time_1 / time_n (speed-up), "auto time / best fixed time" and "best fixed
+time / max(compute alone, comm alone)" (slow-downs, lower is better).
 `--netns-rate R` (root) runs the ranks in a network namespace whose loopback is limited to R (see netns.py).
 
 Legend: E experts, K experts per token, D model dim, F expert hidden dim, T tokens per rank, W ranks, L = E/W.

@@ -22,18 +22,18 @@ torch 2.13 CPU bug where `_grouped_mm`'s own backward fails on a stride-0 incomi
 `grouped_swiglu` is the whole expert MLP, y = grouped(silu(grouped(x, w1)) * grouped(x, w3), w2), as ONE autograd
 function: it saves x, h1, h3 (and the weights) instead of the five activations autograd keeps, recomputes
 silu(h1) in backward, writes dh3 in place of dh, and accumulates dx = dh1 @ w1^T + dh3 @ w3^T with one addmm per
-group instead of a separate add over all rows, and the pipeline chunks of one layer write their weight gradients into one
-buffer per weight (ChunkWeightGrads) instead of autograd adding up one full-size gradient per chunk.
+group instead of a separate add over all rows; the pipeline chunks of one layer write their weight gradients into
+one buffer per weight (ChunkWeightGrads) instead of autograd adding up one full-size gradient per chunk.
 
 Mixed precision. Both entry points behave like an autocast matmul: under torch.autocast (any device) the rows and
 the weights are cast to the autocast dtype (bf16), otherwise the weights to the rows' dtype. `grouped_mm` casts the
 weights before its autograd function (the fp32 master weights receive fp32 gradients through the cast's backward);
 `grouped_swiglu` casts them inside, once for all the pipeline chunks of a layer, and builds their gradient in the
-master weights' dtype (ChunkWeightGrads). Every gradient returned has its input's dtype. Forward and backward run with autocast off
-(torch.amp.custom_fwd/custom_bwd would do the same, but they bind one device type at definition time and these
-functions serve CPU and CUDA), so nothing inside is re-cast behind their back. Every backend accumulates in fp32:
-torch._grouped_mm and torch.mm do for bf16 operands, and the Triton kernels feed bf16 operands to tl.dot (tensor
-cores, fp32 accumulator) and use exact fp32 (`input_precision="ieee"`) only for fp32 operands.
+master weights' dtype (ChunkWeightGrads). Every gradient returned has its input's dtype. Forward and backward run
+with autocast off (torch.amp.custom_fwd/custom_bwd would do the same, but they bind one device type at definition
+time and these functions serve CPU and CUDA), so nothing inside is re-cast behind their back. Every backend
+accumulates in fp32: torch._grouped_mm and torch.mm do for bf16 operands, and the Triton kernels feed bf16 operands
+to tl.dot (tensor cores, fp32 accumulator) and use exact fp32 (`input_precision="ieee"`) only for fp32 operands.
 """
 
 from __future__ import annotations
@@ -208,9 +208,18 @@ def _weight_grad(x_RD, dy_RF, counts: list[int], offs_E, impl: str, name: str = 
     # stepped.
     dw_EDF = workspace.empty(name, (len(counts), x_RD.shape[1], dy_RF.shape[1]), dy_RF.dtype, dy_RF.device,
                              exact=exact)
+    return _loop_weight_grad_into(dw_EDF, x_RD, dy_RF, counts)
+
+
+def _loop_weight_grad_into(dw_EDF, x_RD, dy_RF, counts: list[int], accumulate: Optional[list[bool]] = None):
+    """The loop backend's weight gradient, in place: dw_EDF[e] = x_e^T @ dy_e (zeros for an empty group), or
+    dw_EDF[e] += x_e^T @ dy_e (one addmm) where accumulate[e] says the group already holds a gradient."""
     start = 0
     for e, n in enumerate(counts):
-        if n:
+        if accumulate is not None and accumulate[e]:
+            if n:
+                dw_EDF[e].addmm_(x_RD[start:start + n].t(), dy_RF[start:start + n])
+        elif n:
             torch.mm(x_RD[start:start + n].t(), dy_RF[start:start + n], out=dw_EDF[e])
         else:
             dw_EDF[e].zero_()
@@ -309,30 +318,20 @@ class ChunkWeightGrads:
             buf = self.grads[i] = workspace.empty(f"swiglu.dw{i}", shape, dtype, device, exact=True)
             self.written[i] = [False] * L
         written = self.written[i]
+        done = [written[e] for e in r]
+        for e in r:
+            written[e] = True
         if impl == "loop" and x_RD.dtype == buf.dtype:
-            start = 0
-            for e, n in zip(r, counts):
-                if written[e]:
-                    if n:
-                        buf[e].addmm_(x_RD[start:start + n].t(), dy_RF[start:start + n])
-                elif n:
-                    torch.mm(x_RD[start:start + n].t(), dy_RF[start:start + n], out=buf[e])
-                else:
-                    buf[e].zero_()
-                written[e] = True
-                start += n
+            _loop_weight_grad_into(buf[experts], x_RD, dy_RF, counts, accumulate=done)
             return
         dw_SDF = _weight_grad(x_RD, dy_RF, counts, offs_E, impl, "swiglu.dw.scratch", exact=False)
-        done = [written[e] for e in r]
         if not any(done):
             buf[experts].copy_(dw_SDF)
         elif all(done):
             buf[experts].add_(dw_SDF)
         else:
             for j, e in enumerate(r):
-                buf[e].add_(dw_SDF[j]) if written[e] else buf[e].copy_(dw_SDF[j])
-        for e in r:
-            written[e] = True
+                buf[e].add_(dw_SDF[j]) if done[j] else buf[e].copy_(dw_SDF[j])
 
     def finish(self) -> list[Optional[torch.Tensor]]:
         """Called once by every call's backward: the full gradients for the last one (unwritten experts zeroed),
